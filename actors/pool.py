@@ -1,0 +1,163 @@
+"""A pool of Ray actors that hands each task to the least-loaded live actor and survives deaths.
+
+Rollout and reward pools both sit on this. A task is a method name plus arguments; the pool keeps at
+most ``max_in_flight_per_actor`` tasks on each actor and queues the rest. When an actor dies (the
+task's ref raises ``RayActorError``), the task goes back to the queue and runs on another actor (or on
+the same one once Ray has restarted it), up to ``max_attempts`` times. Application errors are raised to
+the caller, never swallowed: a bug in scoring must stop the job, not silently drop a group.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+
+@dataclass
+class PoolTask:
+    """One submitted call; ``result`` is set once it has finished."""
+
+    id: int
+    method: str
+    args: tuple
+    kwargs: dict
+    attempts: int = 0
+    actor_index: int | None = None
+    result: Any = None
+    done: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0
+
+
+@dataclass
+class ActorStats:
+    completed: int = 0
+    failures: int = 0
+    busy_s: float = 0.0
+
+
+class ActorPool:
+    """Least-outstanding-work dispatch over a fixed list of (restartable) actors."""
+
+    def __init__(
+        self,
+        actors: list[Any],
+        names: list[str],
+        max_in_flight_per_actor: int = 2,
+        max_attempts: int = 3,
+    ) -> None:
+        if not actors:
+            raise ValueError("an actor pool needs at least one actor")
+        if len(actors) != len(names):
+            raise ValueError(f"{len(actors)} actors but {len(names)} names")
+        if max_in_flight_per_actor < 1:
+            raise ValueError(f"max_in_flight_per_actor must be >= 1, got {max_in_flight_per_actor}")
+        self.actors = list(actors)
+        self.names = list(names)
+        self.max_in_flight = max_in_flight_per_actor
+        self.max_attempts = max_attempts
+        self._ids = itertools.count()
+        self._queue: deque[PoolTask] = deque()
+        self._running: dict[ray.ObjectRef, PoolTask] = {}
+        self._load = [0] * len(actors)
+        self._stats = [ActorStats() for _ in actors]
+        self._avoid: dict[int, int] = {}  # task id -> actor index that just failed it
+
+    @property
+    def pending(self) -> int:
+        """Tasks queued or running."""
+        return len(self._queue) + len(self._running)
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> PoolTask:
+        task = PoolTask(next(self._ids), method, args, kwargs)
+        self._queue.append(task)
+        self._dispatch()
+        return task
+
+    def poll(self, timeout: float | None = 0.0) -> list[PoolTask]:
+        """Finished tasks (in completion order); waits up to ``timeout`` for at least one."""
+        if not self._running:
+            return []
+        ready, _ = ray.wait(list(self._running), num_returns=1, timeout=timeout)
+        if ready:  # collect everything else that is already done too
+            ready, _ = ray.wait(list(self._running), num_returns=len(self._running), timeout=0)
+        finished = [task for ref in ready if (task := self._finish(ref)) is not None]
+        self._dispatch()
+        return finished
+
+    def wait_all(self, timeout_per_poll: float = 1.0) -> list[PoolTask]:
+        """Block until every submitted task has finished; returns them in completion order."""
+        finished: list[PoolTask] = []
+        while self.pending:
+            finished.extend(self.poll(timeout_per_poll))
+        return finished
+
+    def map(self, method: str, items: list[Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Call ``method(item, *args)`` for every item, results in input order."""
+        tasks = [self.submit(method, item, *args, **kwargs) for item in items]
+        self.wait_all()
+        return [t.result for t in tasks]
+
+    def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """The same call on every actor at once (no retry): weight sync, shutdown, health."""
+        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per-actor completed tasks, failures, busy seconds and tasks per busy second."""
+        return {
+            name: {
+                "completed": s.completed,
+                "failures": s.failures,
+                "busy_s": round(s.busy_s, 3),
+                "tasks_per_s": s.completed / s.busy_s if s.busy_s > 0 else 0.0,
+                "in_flight": self._load[i],
+            }
+            for i, (name, s) in enumerate(zip(self.names, self._stats))
+        }
+
+    def _dispatch(self) -> None:
+        while self._queue:
+            task = self._queue[0]
+            index = self._least_loaded(avoid=self._avoid.get(task.id))
+            if index is None:
+                return
+            self._queue.popleft()
+            task.actor_index = index
+            task.attempts += 1
+            task.started_at = time.monotonic()
+            ref = getattr(self.actors[index], task.method).remote(*task.args, **task.kwargs)
+            self._running[ref] = task
+            self._load[index] += 1
+
+    def _least_loaded(self, avoid: int | None) -> int | None:
+        free = [i for i, load in enumerate(self._load) if load < self.max_in_flight]
+        if len(free) > 1 and avoid in free:
+            free.remove(avoid)  # prefer another actor while the failed one restarts
+        return min(free, key=lambda i: self._load[i]) if free else None
+
+    def _finish(self, ref: ray.ObjectRef) -> PoolTask | None:
+        task = self._running.pop(ref)
+        index = task.actor_index
+        assert index is not None
+        self._load[index] -= 1
+        stats = self._stats[index]
+        try:
+            task.result = ray.get(ref)
+        except RayActorError:
+            stats.failures += 1
+            if task.attempts >= self.max_attempts:
+                raise
+            self._avoid[task.id] = index
+            self._queue.appendleft(task)
+            return None
+        stats.completed += 1
+        stats.busy_s += time.monotonic() - task.started_at
+        task.done = True
+        self._avoid.pop(task.id, None)
+        return task

@@ -1,0 +1,210 @@
+"""The job's configuration: nested dataclasses, loaded from a preset or YAML file plus dotted overrides.
+
+``load_config("tiny", ["--rollout.num_actors", "8"])`` is the only way a job gets its settings, and
+``validate`` is the only place that judges them, so an error always names the offending key.
+Presets ship inside the package (``segr1/presets/*.yaml``) and only list what differs from the
+defaults below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from segr1.configtools import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
+
+PRESETS = ("tiny", "prerl", "cod", "sod")
+
+
+@dataclass
+class ModelConfig:
+    """The policy. ``path: tiny`` builds the tiny random Qwen2.5-VL from ``segr1.tiny``."""
+
+    path: str = "tiny"
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    min_pixels: int = 3136
+    max_pixels: int = 768 * 768
+    seed: int = 0
+
+
+@dataclass
+class Sam2Config:
+    """The segmenter behind the reward. ``checkpoint: tiny`` builds a random-weight SAM2 for tests."""
+
+    backend: Literal["sam2", "box"] = "sam2"
+    config: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
+    checkpoint: str = "checkpoints/sam2.1_hiera_large.pt"
+    image_size: int | None = None
+    box_point_radius: int = 4
+
+
+@dataclass
+class DataConfig:
+    """Training and held-out data: a shard directory, or ``synthetic`` for generated COD images."""
+
+    train: str = "synthetic"
+    eval: str | None = None
+    task: Literal["cod", "sod", "dis", "refer", "reason"] = "cod"
+    synthetic_count: int = 64
+    synthetic_eval_count: int = 8
+    image_size: int = 768
+    shuffle: bool = True
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    num_actors: int = 1
+    num_gpus_per_actor: int = 1  # also the tensor-parallel size
+    num_cpus_per_actor: float = 1.0
+    group_size: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 400
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.6
+    kv_cache_memory_bytes: int = 128 << 20  # CPU only: vLLM would otherwise reserve ~90% of RAM
+    enforce_eager: bool = False
+    max_restarts: int = 3
+    max_in_flight_per_actor: int = 2
+
+
+@dataclass
+class RewardConfig:
+    num_actors: int = 1
+    num_gpus_per_actor: float = 1.0
+    num_cpus_per_actor: float = 1.0
+    bf16: bool = True
+    decode_chunk: int = 8
+    w_format: float = 1.0
+    w_iou: float = 0.7
+    w_smeasure: float = 0.3
+    w_point_count: float = 0.0
+    max_boxes: int = 4
+    max_points: int = 16
+    max_restarts: int = 3
+    max_in_flight_per_actor: int = 4
+
+
+@dataclass
+class LearnerConfig:
+    num_workers: int = 1
+    num_gpus_per_worker: int = 1
+    num_cpus_per_worker: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    deepspeed_config: str | None = None
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4
+    iterations_per_batch: int = 1
+    gradient_checkpointing: bool = True
+    freeze_vision: bool = False
+    sync_bucket_mb: int = 256
+
+
+@dataclass
+class GRPOConfig:
+    kl_coef: float = 0.04
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+    std_normalize: bool = True
+    epsilon: float = 1e-6
+    filter_zero_variance: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = 1
+    steps: int = 1000
+    prompts_per_step: int = 8
+    epochs: int = 2
+    eval_every: int = 0
+    checkpoint_every: int = 100
+    sample_every: int = 50
+    samples_to_save: int = 4
+    output_dir: str = "runs/default"
+    resume: bool = False
+    seed: int = 0
+
+
+@dataclass
+class RayConfig:
+    """``address: null`` joins the cluster a ``ray job submit`` runs in, else starts a local one."""
+
+    address: str | None = None
+    num_cpus: float | None = None
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sam2: Sam2Config = field(default_factory=Sam2Config)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("segr1") / "presets" / f"{name}.yaml"))
+
+
+def load_config(source: str = "tiny", overrides: list[str] | None = None) -> Config:
+    """A preset name or a YAML path, then overrides; validated before it is returned."""
+    path = preset_path(source) if source in PRESETS else Path(source)
+    if source not in PRESETS and not path.exists():
+        raise ConfigError(f"config {source!r}: neither a preset {list(PRESETS)} nor an existing file")
+    data = merge(read_yaml(path), parse_overrides(overrides or []))
+    config = from_dict(Config, data)
+    validate(config)
+    return config
+
+
+def config_dict(config: Config) -> dict:
+    return to_dict(config)
+
+
+def validate(config: Config) -> None:
+    """Every cross-field rule in one place; raises ConfigError naming the key."""
+    checks = [
+        (config.rollout.num_actors >= 1, "rollout.num_actors must be >= 1"),
+        (config.rollout.group_size >= 2, "rollout.group_size must be >= 2 (GRPO compares within a group)"),
+        (config.rollout.max_tokens >= 1, "rollout.max_tokens must be >= 1"),
+        (config.rollout.temperature > 0, "rollout.temperature must be > 0 for GRPO sampling"),
+        (0 < config.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+        (config.reward.num_actors >= 1, "reward.num_actors must be >= 1"),
+        (0 < config.reward.num_gpus_per_actor <= 8, "reward.num_gpus_per_actor must be in (0, 8]"),
+        (config.learner.num_workers >= 1, "learner.num_workers must be >= 1"),
+        (config.learner.lr > 0, "learner.lr must be > 0"),
+        (config.learner.micro_batch_size >= 1, "learner.micro_batch_size must be >= 1"),
+        (config.learner.iterations_per_batch >= 1, "learner.iterations_per_batch must be >= 1"),
+        (config.learner.sync_bucket_mb >= 1, "learner.sync_bucket_mb must be >= 1"),
+        (config.grpo.kl_coef >= 0, "grpo.kl_coef must be >= 0"),
+        (config.grpo.clip_low >= 0 and config.grpo.clip_high >= 0, "grpo.clip_low/clip_high must be >= 0"),
+        (config.grpo.dual_clip is None or config.grpo.dual_clip > 1, "grpo.dual_clip must be > 1 or null"),
+        (config.trainer.steps >= 1, "trainer.steps must be >= 1"),
+        (config.trainer.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1"),
+        (config.trainer.max_staleness >= 0, "trainer.max_staleness must be >= 0"),
+        (
+            config.trainer.mode == "sync" or config.trainer.max_staleness >= 1,
+            "trainer.max_staleness must be >= 1 in async mode (rollouts run one step ahead)",
+        ),
+        (config.data.image_size >= 28, "data.image_size must be >= 28 (one Qwen2.5-VL patch group)"),
+        (config.sam2.image_size is None or config.sam2.image_size % 16 == 0, "sam2.image_size must be a multiple of 16"),
+    ]
+    failed = [message for ok, message in checks if not ok]
+    if failed:
+        raise ConfigError("invalid config: " + "; ".join(failed))

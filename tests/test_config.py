@@ -1,0 +1,72 @@
+"""Config loading: presets, YAML files, dotted overrides, strict errors, round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from segr1.config import PRESETS, Config, config_dict, load_config
+from segr1.configtools import ConfigError, from_dict, parse_overrides, read_yaml, write_yaml
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_loads_and_validates(preset):
+    config = load_config(preset)
+    assert config.rollout.group_size >= 2
+
+
+def test_tiny_is_cpu_sized_and_paper_presets_keep_paper_settings():
+    tiny = load_config("tiny")
+    assert (tiny.model.path, tiny.sam2.checkpoint, tiny.data.train) == ("tiny", "tiny", "synthetic")
+    cod = load_config("cod")
+    assert (cod.rollout.group_size, cod.rollout.temperature, cod.learner.lr) == (4, 1.0, 1e-6)
+    assert (cod.grpo.kl_coef, cod.grpo.kl_estimator, cod.rollout.max_tokens) == (0.04, "k3", 400)
+    assert load_config("prerl").rollout.max_tokens == 256
+
+
+def test_overrides_in_all_three_spellings_with_yaml_typed_values():
+    config = load_config(
+        "tiny", ["--rollout.num_actors", "8", "--grpo.dual_clip=3", "trainer.mode=async", "--ray.address", "auto"]
+    )
+    assert config.rollout.num_actors == 8
+    assert config.grpo.dual_clip == 3.0
+    assert config.trainer.mode == "async"
+    assert config.ray.address == "auto"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--rollout.num_actor", "8"], r"rollout: unknown key\(s\) \['num_actor'\]"),
+        (["--rollout.num_actors", "many"], "rollout.num_actors: expected int"),
+        (["--trainer.mode", "eager"], "trainer.mode: 'eager' is not one of"),
+        (["--rollout.group_size", "1"], "rollout.group_size must be >= 2"),
+        (["--trainer.mode", "async", "--trainer.max_staleness", "0"], "max_staleness must be >= 1 in async"),
+        (["--rollout.num_actors"], "expected --section.key VALUE"),
+        (["--learner.zero_stage", "4"], "learner.zero_stage: 4 is not one of"),
+    ],
+)
+def test_bad_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)
+
+
+def test_unknown_source_and_bad_yaml_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    config = load_config("cod", ["--rollout.num_actors", "3"])
+    path = tmp_path / "resolved.yaml"
+    write_yaml(config_dict(config), path)
+    assert from_dict(Config, read_yaml(path)) == config
+    assert not list(tmp_path.glob("*.tmp"))
+    assert load_config(str(path)) == config
+
+
+def test_parse_overrides_nests_keys():
+    assert parse_overrides(["a.b.c=1", "--a.d", "x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
