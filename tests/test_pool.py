@@ -1,0 +1,74 @@
+"""ActorPool on a real local Ray cluster: load spreading, ordering, retry after an actor dies."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+
+from actors.pool import ActorPool
+
+pytestmark = pytest.mark.slow
+
+
+@ray.remote(num_cpus=0.1, max_restarts=2)
+class Squarer:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def square(self, x: int, crash_marker: str | None = None) -> tuple[int, str]:
+        if crash_marker is not None and not os.path.exists(crash_marker):
+            open(crash_marker, "w").close()
+            os._exit(1)  # a hard crash, as a segfaulting SAM2 or an OOM kill would look
+        return x * x, self.name
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def make_pool(n: int, **kwargs) -> ActorPool:
+    names = [f"sq-{i}" for i in range(n)]
+    return ActorPool([Squarer.remote(name) for name in names], names, **kwargs)
+
+
+def test_map_returns_results_in_input_order_and_spreads_load(ray_cluster):
+    pool = make_pool(2, max_in_flight_per_actor=2)
+    results = pool.map("square", list(range(20)))
+    assert [r[0] for r in results] == [x * x for x in range(20)]
+    stats = pool.stats()
+    assert sum(s["completed"] for s in stats.values()) == 20
+    assert all(s["completed"] > 0 for s in stats.values()), stats
+
+
+def test_in_flight_is_bounded(ray_cluster):
+    pool = make_pool(2, max_in_flight_per_actor=1)
+    for x in range(6):
+        pool.submit("square", x)
+    assert sum(s["in_flight"] for s in pool.stats().values()) == 2
+    assert pool.pending == 6
+    assert len(pool.wait_all()) == 6
+
+
+def test_task_of_a_dead_actor_is_redone_elsewhere(ray_cluster, tmp_path):
+    pool = make_pool(2, max_in_flight_per_actor=1)
+    marker = str(tmp_path / "crashed")
+    tasks = [pool.submit("square", x, crash_marker=marker if x == 3 else None) for x in range(8)]
+    pool.wait_all()
+    assert [t.result[0] for t in tasks] == [x * x for x in range(8)]
+    assert tasks[3].attempts == 2
+    assert sum(s["failures"] for s in pool.stats().values()) == 1
+
+
+def test_application_errors_are_raised_not_swallowed(ray_cluster):
+    pool = make_pool(1)
+    pool.submit("square", "not a number")
+    with pytest.raises(ray.exceptions.RayTaskError):
+        pool.wait_all()
+
+
+def test_pool_rejects_bad_construction():
+    with pytest.raises(ValueError, match="at least one actor"):
+        ActorPool([], [])
+    with pytest.raises(ValueError, match="max_in_flight_per_actor"):
+        ActorPool([object()], ["a"], max_in_flight_per_actor=0)
