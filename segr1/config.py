@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 from segr1.configtools import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
+from segr1.grpo import LossSettings
+from segr1.parser import ParserLimits
+from segr1.rewards import RewardWeights
 
 PRESETS = ("tiny", "prerl", "cod", "sod")
 
@@ -78,12 +81,8 @@ class RewardConfig:
     num_cpus_per_actor: float = 1.0
     bf16: bool = True
     decode_chunk: int = 8
-    w_format: float = 1.0
-    w_iou: float = 0.7
-    w_smeasure: float = 0.3
-    w_point_count: float = 0.0
-    max_boxes: int = 4
-    max_points: int = 16
+    weights: RewardWeights = field(default_factory=RewardWeights)
+    limits: ParserLimits = field(default_factory=ParserLimits)
     max_restarts: int = 3
     max_in_flight_per_actor: int = 4
 
@@ -106,14 +105,11 @@ class LearnerConfig:
     sync_bucket_mb: int = 256
 
 
-@dataclass
-class GRPOConfig:
-    kl_coef: float = 0.04
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    loss_aggregation: Literal["token_mean", "sequence_mean"] = "token_mean"
+@dataclass(frozen=True)
+class GRPOConfig(LossSettings):
+    """The loss settings (clip, dual clip, KL coefficient and estimator, aggregation) and the
+    advantage settings; the learner takes this object as its ``LossSettings``."""
+
     std_normalize: bool = True
     epsilon: float = 1e-6
     filter_zero_variance: bool = False
@@ -192,9 +188,7 @@ def validate(config: Config) -> None:
         (config.learner.micro_batch_size >= 1, "learner.micro_batch_size must be >= 1"),
         (config.learner.iterations_per_batch >= 1, "learner.iterations_per_batch must be >= 1"),
         (config.learner.sync_bucket_mb >= 1, "learner.sync_bucket_mb must be >= 1"),
-        (config.grpo.kl_coef >= 0, "grpo.kl_coef must be >= 0"),
-        (config.grpo.clip_low >= 0 and config.grpo.clip_high >= 0, "grpo.clip_low/clip_high must be >= 0"),
-        (config.grpo.dual_clip is None or config.grpo.dual_clip > 1, "grpo.dual_clip must be > 1 or null"),
+        (config.grpo.epsilon >= 0, "grpo.epsilon must be >= 0"),
         (config.trainer.steps >= 1, "trainer.steps must be >= 1"),
         (config.trainer.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1"),
         (config.trainer.max_staleness >= 0, "trainer.max_staleness must be >= 0"),

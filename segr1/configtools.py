@@ -38,7 +38,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         name: _convert(hints[name], value, f"{where}.{name}" if where else name)
         for name, value in data.items()
     }
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # the dataclass's own range checks
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

@@ -43,6 +43,9 @@ def test_overrides_in_all_three_spellings_with_yaml_typed_values():
         (["--trainer.mode", "async", "--trainer.max_staleness", "0"], "max_staleness must be >= 1 in async"),
         (["--rollout.num_actors"], "expected --section.key VALUE"),
         (["--learner.zero_stage", "4"], "learner.zero_stage: 4 is not one of"),
+        (["--grpo.dual_clip", "0.5"], "dual_clip must be > 1"),
+        (["--grpo.kl_estimator", "k9"], "kl_estimator must be one of"),
+        (["--reward.weights.iou", "-1"], "reward.weights: RewardWeights.iou must be"),
     ],
 )
 def test_bad_settings_name_the_key(overrides, message):
