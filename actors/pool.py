@@ -5,6 +5,10 @@ most ``max_in_flight_per_actor`` tasks on each actor and queues the rest. When a
 task's ref raises ``RayActorError``), the task goes back to the queue and runs on another actor (or on
 the same one once Ray has restarted it), up to ``max_attempts`` times. Application errors are raised to
 the caller, never swallowed: a bug in scoring must stop the job, not silently drop a group.
+
+A restartable actor that dies answers ``ActorUnavailableError`` until Ray has restarted it (which
+takes as long as loading its model), so retries back off exponentially: with the default
+``max_attempts`` a task keeps trying for about two and a half minutes before the error is raised.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
+
+# A retried task waits 1, 2, 4 ... seconds (at most this) so a restarting actor has time to come back.
+MAX_BACKOFF_S = 30.0
 
 
 @dataclass
@@ -33,6 +40,7 @@ class PoolTask:
     done: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
+    not_before: float = 0.0
 
 
 @dataclass
@@ -50,7 +58,7 @@ class ActorPool:
         actors: list[Any],
         names: list[str],
         max_in_flight_per_actor: int = 2,
-        max_attempts: int = 3,
+        max_attempts: int = 10,
     ) -> None:
         if not actors:
             raise ValueError("an actor pool needs at least one actor")
@@ -83,6 +91,9 @@ class ActorPool:
     def poll(self, timeout: float | None = 0.0) -> list[PoolTask]:
         """Finished tasks (in completion order); waits up to ``timeout`` for at least one."""
         if not self._running:
+            if self._queue:  # only tasks backing off: let time pass, then retry
+                time.sleep(min(timeout or 0.0, 1.0))
+                self._dispatch()
             return []
         ready, _ = ray.wait(list(self._running), num_returns=1, timeout=timeout)
         if ready:  # collect everything else that is already done too
@@ -122,8 +133,11 @@ class ActorPool:
         }
 
     def _dispatch(self) -> None:
+        now = time.monotonic()
         while self._queue:
             task = self._queue[0]
+            if task.not_before > now:
+                return
             index = self._least_loaded(avoid=self._avoid.get(task.id))
             if index is None:
                 return
@@ -149,15 +163,19 @@ class ActorPool:
         stats = self._stats[index]
         try:
             task.result = ray.get(ref)
-        except RayActorError:
+        except RayActorError:  # died, or still restarting after a death
             stats.failures += 1
             if task.attempts >= self.max_attempts:
                 raise
-            self._avoid[task.id] = index
-            self._queue.appendleft(task)
+            self._requeue(task, index, delay=min(2.0 ** (task.attempts - 1), MAX_BACKOFF_S))
             return None
         stats.completed += 1
         stats.busy_s += time.monotonic() - task.started_at
         task.done = True
         self._avoid.pop(task.id, None)
         return task
+
+    def _requeue(self, task: PoolTask, failed_index: int, delay: float) -> None:
+        self._avoid[task.id] = failed_index
+        task.not_before = time.monotonic() + delay
+        self._queue.appendleft(task)

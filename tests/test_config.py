@@ -31,6 +31,7 @@ def test_overrides_in_all_three_spellings_with_yaml_typed_values():
     assert config.grpo.dual_clip == 3.0
     assert config.trainer.mode == "async"
     assert config.ray.address == "auto"
+    assert load_config("tiny", ["--learner.lr", "1e-3"]).learner.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,7 @@ def test_task_of_a_dead_actor_is_redone_elsewhere(ray_cluster, tmp_path):
     pool.wait_all()
     assert [t.result[0] for t in tasks] == [x * x for x in range(8)]
     assert tasks[3].attempts == 2
-    assert sum(s["failures"] for s in pool.stats().values()) == 1
+    assert sum(s["failures"] for s in pool.stats().values()) == 1  # no retry storm while it restarts
 
 
 def test_application_errors_are_raised_not_swallowed(ray_cluster):

@@ -1,0 +1,440 @@
+"""Rollout actors: one vLLM engine each, G sampled completions per prompt, versioned weights.
+
+``RolloutActor`` is a plain class (tests run it in-process); ``RolloutPool`` makes N Ray actors
+of it, each in its own placement-group bundle, and spreads prompt batches over them through the
+generic ``actors.pool.ActorPool`` (least-loaded dispatch, resubmission when an actor dies).
+
+Weight sync, receiving side (see ``segr1/weight_sync.py`` for the wire format): every engine
+worker of every actor joins one group with the learner's rank 0 (``join_weight_group``); a sync
+is one ``receive_weights(plan, version)`` call per actor, which runs on all of the engine's
+workers via ``collective_rpc``, reloads through vLLM's own reloader and then resets the prefix,
+multimodal and encoder caches (stale KV or vision embeddings would otherwise survive the load).
+Generation and loading never interleave: a lock covers both, and as a Ray actor the calls are
+serial anyway.
+
+The behaviour log-probs returned are vLLM's default "raw" log-probs: log-softmax of the model's
+logits over the full vocabulary, before temperature, top-p or the vision-token mask. That is
+exactly what the learner computes for the same tokens, so the importance ratio is 1 when
+weights match.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from segr1.schema import Completion, PromptItem, RolloutGroup
+from segr1.weight_sync import BucketPlan
+
+WORKER_EXTENSION = "actors.vllm_worker.WeightSyncWorkerExtension"
+
+# Qwen2.5-VL's vision markup: the processor inserts these, the policy must never write them
+# (a sampled <|image_pad|> makes the learner's forward fail: image features and tokens mismatch).
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+VISION_CONFIG_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+@dataclass
+class RolloutSettings:
+    """One engine's settings; ``segr1/config.py`` mirrors these fields."""
+
+    model: str
+    dtype: str = "bfloat16"
+    tensor_parallel_size: int = 1
+    max_model_len: int = 4096
+    kv_cache_memory_bytes: int = 1 << 30  # CPU only: the default would reserve ~90% of RAM
+    gpu_memory_utilization: float = 0.6  # GPU only
+    seed: int = 0
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    enforce_eager: bool = False
+    weight_sync_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} is larger than max_pixels {self.max_pixels}")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 400
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_tokens < 1:
+            raise ValueError(f"sampling needs n >= 1 and max_tokens >= 1, got n={self.n}, max_tokens={self.max_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"bad sampling temperature {self.temperature} or top_p {self.top_p}")
+
+
+def vision_token_ids(tokenizer: Any, hf_config: Any) -> set[int]:
+    """Ids of the vision markup tokens, from the tokenizer's vocabulary and the model config."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in VISION_TOKENS if t in vocab}
+    ids |= {int(v) for k in VISION_CONFIG_IDS if (v := getattr(hf_config, k, None)) is not None}
+    return ids
+
+
+def allowed_token_ids(tokenizer: Any, hf_config: Any) -> list[int]:
+    """Every token the tokenizer knows except the vision markup.
+
+    Ids past the tokenizer's length (the embedding is padded to a multiple of 64 or 128) have no
+    text and were never trained, so they are excluded too.
+    """
+    banned = vision_token_ids(tokenizer, hf_config)
+    return [i for i in range(len(tokenizer)) if i not in banned]
+
+
+def item_seed(seed: int | None, group_id: str) -> int | None:
+    """A per-prompt seed that does not depend on how prompts were batched over actors."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + zlib.crc32(group_id.encode())) % (1 << 31)
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+class RolloutActor:
+    """Hosts one vLLM engine for the policy; use in-process or as ``ray.remote(RolloutActor)``."""
+
+    def __init__(self, settings: RolloutSettings, name: str = "rollout") -> None:
+        import torch
+
+        self.settings = settings
+        self._name = name
+        self._version = 0
+        self._group: tuple[str, int, int] | None = None  # (host, port, world_size) last joined
+        self._mixed_weights: str | None = None  # why sampling is refused after a failed sync
+        self._lock = threading.Lock()
+        self._on_gpu = torch.cuda.is_available()
+        if not self._on_gpu:
+            # In-process engine core: ~2 s and 1.3 GB to start instead of ~18 s and 3.4 GB, and
+            # collective_rpc reaches the worker directly. Must be set before vLLM is imported.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        self.llm = LLM(**self._engine_kwargs())
+        self._tokenizer = self.llm.get_tokenizer()
+        hf_config = self.llm.llm_engine.model_config.hf_config
+        self._vision_ids = vision_token_ids(self._tokenizer, hf_config)
+        self._allowed = allowed_token_ids(self._tokenizer, hf_config)
+
+    def _engine_kwargs(self) -> dict[str, Any]:
+        s = self.settings
+        mm_kwargs = {k: v for k, v in (("min_pixels", s.min_pixels), ("max_pixels", s.max_pixels)) if v is not None}
+        kwargs: dict[str, Any] = dict(
+            model=s.model,
+            dtype=s.dtype,
+            tensor_parallel_size=s.tensor_parallel_size,
+            max_model_len=s.max_model_len,
+            seed=s.seed,
+            enforce_eager=s.enforce_eager,
+            limit_mm_per_prompt={"image": 1, "video": 0},
+            mm_processor_kwargs=mm_kwargs or None,
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+        if self._on_gpu:
+            kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+            if s.tensor_parallel_size > 1:
+                # Worker processes inside this actor, on the GPUs of its bundle. The "ray" backend
+                # would try to place new GPU actors while this actor already holds the GPUs.
+                kwargs["distributed_executor_backend"] = "mp"
+        else:
+            if s.tensor_parallel_size != 1:
+                raise ValueError("tensor_parallel_size > 1 needs GPUs; the CPU engine runs one worker")
+            kwargs["kv_cache_memory_bytes"] = s.kv_cache_memory_bytes
+        return kwargs
+
+    # ------------------------------------------------------------------ identity and state
+
+    def name(self) -> str:
+        return self._name
+
+    def weight_version(self) -> int:
+        return self._version
+
+    def weight_group(self) -> tuple[str, int, int] | None:
+        """The (host, port, world_size) of the weight group last joined; None after a restart."""
+        return self._group
+
+    def vision_token_ids(self) -> list[int]:
+        return sorted(self._vision_ids)
+
+    def shutdown(self) -> None:
+        """Stop the engine and free its memory (on CPU nothing else frees it)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, items: list[PromptItem], sampling: SamplingSettings) -> list[RolloutGroup]:
+        """Sample ``sampling.n`` completions for each prompt; one RolloutGroup per item, in order."""
+        from vllm import SamplingParams
+
+        if self._mixed_weights is not None:
+            raise RuntimeError(f"{self._name} refuses to sample: {self._mixed_weights}")
+        if not items:
+            return []
+        images = _resolve_images(items)
+        prompts = [
+            {"prompt": item.prompt, "multi_modal_data": {"image": _to_pil(item, image)}}
+            for item, image in zip(items, images)
+        ]
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                seed=item_seed(sampling.seed, item.group_id),
+                logprobs=0,
+                allowed_token_ids=self._allowed,
+                # The text is decoded below in one piece, so it is exactly the decode of the
+                # tokens the learner trains on (incremental detokenizing can differ at the edges).
+                detokenize=False,
+            )
+            for item in items
+        ]
+        with self._lock:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            version = self._version
+        return [self._group_of(item, out, version) for item, out in zip(items, outputs)]
+
+    def _group_of(self, item: PromptItem, out: Any, version: int) -> RolloutGroup:
+        completions = []
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            ids = [int(t) for t in c.token_ids]
+            if c.logprobs is None or len(c.logprobs) != len(ids):
+                raise RuntimeError(f"group {item.group_id}: vLLM returned no log-prob for some tokens")
+            logprobs = [float(pos[t].logprob) for pos, t in zip(c.logprobs, ids)]
+            text = self._tokenizer.decode(ids, skip_special_tokens=True)
+            completions.append(Completion(ids, text, logprobs, str(c.finish_reason)))
+        return RolloutGroup(item, list(out.prompt_token_ids), completions, version, self._name)
+
+    # ------------------------------------------------------------------ weight sync
+
+    def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> list[int]:
+        """Join the learner's weight group (blocks until every rank has); returns this engine's ranks."""
+        backend = "nccl" if self._on_gpu else "gloo"
+        with self._lock:
+            ranks = self.llm.collective_rpc(
+                "segr1_join_weight_group",
+                args=(host, int(port), int(rank_offset), int(world_size), backend, _node_ip(),
+                      float(self.settings.weight_sync_timeout_s)),
+            )
+            self._group = (host, int(port), int(world_size))
+        return [int(r) for r in ranks]
+
+    def receive_weights(self, plan: BucketPlan | dict, version: int) -> int:
+        """Receive one sync from the learner into every worker, then drop all derived caches."""
+        if self._group is None:
+            raise RuntimeError(f"{self._name}: receive_weights before join_weight_group")
+        plan_json = plan.to_json() if isinstance(plan, BucketPlan) else plan
+        with self._lock:
+            try:
+                self.llm.collective_rpc("segr1_receive_weights", args=(plan_json, int(version)))
+            except Exception as exc:
+                self._mixed_weights = (
+                    f"the sync to version {version} failed part way ({exc}); its weights are a mix "
+                    "of versions until a full sync succeeds"
+                )
+                raise
+            finally:  # even a failed load may have replaced some weights
+                self.llm.reset_prefix_cache()
+                self.llm.reset_mm_cache()
+                self.llm.llm_engine.reset_encoder_cache()
+            self._mixed_weights = None
+            self._version = int(version)
+        return self._version
+
+
+def _resolve_images(items: list[PromptItem]) -> list[Any]:
+    """Fetch every ObjectRef among the items' images in one ``ray.get``; arrays pass through."""
+    import ray
+
+    refs = [i for i, item in enumerate(items) if isinstance(item.image, ray.ObjectRef)]
+    images = [item.image for item in items]
+    if refs:
+        for i, value in zip(refs, ray.get([items[i].image for i in refs])):
+            images[i] = value
+    return images
+
+
+def _to_pil(item: PromptItem, image: Any) -> Any:
+    from PIL import Image
+
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(
+            f"record {item.record_id}: image must be uint8 HxWx3 RGB, got {array.dtype} {array.shape}"
+        )
+    if (array.shape[1], array.shape[0]) != tuple(item.policy_size):
+        raise ValueError(
+            f"record {item.record_id}: image is {array.shape[1]}x{array.shape[0]} but the prompt says "
+            f"the policy sees {item.policy_size[0]}x{item.policy_size[1]}"
+        )
+    return Image.fromarray(array)
+
+
+class RolloutPool:
+    """N rollout actors (``{prefix}-0..N-1``), each in its own placement-group bundle.
+
+    Prompt batches go to the least-loaded actor; a batch whose actor dies is resubmitted to
+    another (or to the restarted one). A restarted actor comes back at version 0 and outside
+    the weight group: ``out_of_sync`` names it, and the driver re-forms the group (fresh
+    address from the sender, new world size) and pushes the current weights to everyone.
+    """
+
+    def __init__(
+        self,
+        settings: RolloutSettings,
+        num_actors: int,
+        *,
+        placement: Any | None = None,
+        use_gpu: bool | None = None,
+        cpus_per_actor: float = 1.0,
+        max_in_flight_per_actor: int = 2,
+        max_restarts: int = 3,
+        max_attempts: int | None = None,
+        runtime_env: dict | None = None,
+        name_prefix: str = "rollout",
+    ) -> None:
+        """``placement``: the rollout role's ``segr1.ray_cluster.RolePlacement`` (one bundle per
+        actor, each holding ``tensor_parallel_size`` GPUs on GPU clusters); without one the pool
+        places itself, asking for GPUs when the cluster has any (or as ``use_gpu`` says)."""
+        import ray
+
+        from actors.pool import ActorPool
+        from segr1.ray_cluster import RoleRequest, role_placement
+
+        if num_actors < 1:
+            raise ValueError(f"a rollout pool needs at least one actor, got {num_actors}")
+        self._owns_placement = placement is None
+        if placement is None:
+            if use_gpu is None:
+                use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+            gpus = float(settings.tensor_parallel_size) if use_gpu else 0.0
+            placement = role_placement(RoleRequest("rollout", num_actors, cpus_per_actor, gpus))
+        if len(placement.bundles) != num_actors:
+            raise ValueError(f"{num_actors} rollout actors but the placement has {len(placement.bundles)} bundles")
+        self.placement = placement
+        self.settings = settings
+        self.names = [f"{name_prefix}-{i}" for i in range(num_actors)]
+        remote_cls = ray.remote(RolloutActor)
+        self.actors = []
+        for i, name in enumerate(self.names):
+            bundle = placement.bundles[i]
+            gpus = bundle.get("GPU", 0.0)
+            tp = settings.tensor_parallel_size
+            # tp GPUs for a tensor-parallel engine; one engine alone may share a GPU (0 < gpus < 1)
+            if gpus and not (gpus == tp or (tp == 1 and gpus < 1)):
+                raise ValueError(f"{name}: its bundle holds {gpus} GPUs but tensor_parallel_size is {tp}")
+            options = dict(
+                name=name,
+                num_cpus=bundle.get("CPU", 0.0),
+                num_gpus=gpus,
+                max_restarts=max_restarts,
+                max_task_retries=0,  # the pool resubmits, so a call never runs twice behind its back
+                runtime_env=actor_runtime_env(runtime_env, use_gpu=gpus > 0),
+                scheduling_strategy=placement.scheduling_strategy(i),
+            )
+            self.actors.append(remote_cls.options(**options).remote(settings, name))
+        attempts = {} if max_attempts is None else {"max_attempts": max_attempts}  # None: the pool's default
+        self.pool = ActorPool(self.actors, self.names, max_in_flight_per_actor, **attempts)
+
+    # ------------------------------------------------------------------ rollouts
+
+    def submit(self, items: list[PromptItem], sampling: SamplingSettings) -> Any:
+        """Queue one batch of prompts; returns the pool task (``.result``: list[RolloutGroup])."""
+        return self.pool.submit("generate", items, sampling)
+
+    def poll(self, timeout: float | None = 0.0) -> list[Any]:
+        return self.pool.poll(timeout)
+
+    def generate(
+        self, items: list[PromptItem], sampling: SamplingSettings, batch_size: int | None = None
+    ) -> list[RolloutGroup]:
+        """Every item's group, in input order, spread over the actors in batches."""
+        if batch_size is None:
+            slots = len(self.actors) * self.pool.max_in_flight
+            batch_size = max(1, -(-len(items) // slots))
+        batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        results = self.pool.map("generate", batches, sampling)
+        return [group for batch in results for group in batch]
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return self.pool.stats()
+
+    # ------------------------------------------------------------------ weight sync
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the weight group: the learner's sender plus every engine worker."""
+        return 1 + len(self.actors) * self.settings.tensor_parallel_size
+
+    def join_weight_group(self, host: str, port: int) -> list[Any]:
+        """Refs of every actor joining the group at ``host:port``; run with the sender's join."""
+        tp = self.settings.tensor_parallel_size
+        return [
+            actor.join_weight_group.remote(host, port, 1 + i * tp, self.world_size)
+            for i, actor in enumerate(self.actors)
+        ]
+
+    def receive_weights(self, plan: BucketPlan | dict, version: int) -> list[Any]:
+        """Refs of one sync's control call on every actor; run with the sender's send."""
+        plan_json = plan.to_json() if isinstance(plan, BucketPlan) else plan
+        return [actor.receive_weights.remote(plan_json, version) for actor in self.actors]
+
+    def weight_versions(self) -> dict[str, int]:
+        import ray
+
+        return dict(zip(self.names, ray.get([a.weight_version.remote() for a in self.actors])))
+
+    def out_of_sync(self, version: int, address: tuple[str, int]) -> list[str]:
+        """Actors not at ``version`` or not in the group at ``address`` (e.g. restarted ones)."""
+        import ray
+
+        states = ray.get([a.weight_group.remote() for a in self.actors])
+        versions = ray.get([a.weight_version.remote() for a in self.actors])
+        expected = (address[0], int(address[1]), self.world_size)
+        return [
+            name
+            for name, group, v in zip(self.names, states, versions)
+            if v != version or group is None or tuple(group) != expected
+        ]
+
+    def shutdown(self) -> None:
+        """Kill the actors (no restart) and free the placement if the pool made it."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self._owns_placement:
+            self.placement.remove()
+
+
+def actor_runtime_env(runtime_env: dict | None, use_gpu: bool) -> dict:
+    """The caller's runtime env plus what a rollout actor needs: this repo importable (vLLM
+    resolves the worker extension by name) and, on CPU, the in-process engine core."""
+    env = dict(runtime_env or {})
+    env_vars = dict(env.get("env_vars", {}))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if "PYTHONPATH" not in env_vars:
+        env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+    if not use_gpu:
+        env_vars.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    env["env_vars"] = env_vars
+    return env

@@ -1,0 +1,71 @@
+"""Methods added to every vLLM worker (``worker_extension_cls``) for versioned weight sync.
+
+vLLM mixes this class into its worker class, so ``self`` below is the worker (``self.rank`` is
+its rank inside the engine, ``self.reload_weights`` is vLLM's in-place reloader, which goes
+through the model's own ``load_weights`` and therefore accepts Hugging Face parameter names and
+re-packs weights the way the CPU and GPU backends need). The rollout actor reaches these methods
+with ``LLM.collective_rpc``: one call per sync runs on every worker (every tensor-parallel rank)
+at once, and each worker receives the buckets from the learner itself, so no weight ever passes
+through the control path.
+
+Method names carry a ``segr1_`` prefix because vLLM refuses extensions whose attribute names
+clash with the worker's own.
+"""
+
+from __future__ import annotations
+
+from segr1.weight_sync import BucketPlan, WeightGroup, drain, join_group, receive_buckets
+
+
+class WeightSyncWorkerExtension:
+    """Joins the learner's weight group and loads broadcast buckets into the running model."""
+
+    _segr1_group: WeightGroup | None = None
+
+    def segr1_join_weight_group(
+        self,
+        host: str,
+        port: int,
+        rank_offset: int,
+        world_size: int,
+        backend: str,
+        local_host: str,
+        timeout_s: float,
+    ) -> int:
+        """Join (or re-join, replacing the old group) as rank ``rank_offset + self.rank``."""
+        self._segr1_group = None  # drop the previous group before building the next one
+        rank = rank_offset + self.rank  # type: ignore[attr-defined]
+        self._segr1_group = join_group(
+            host, port, rank, world_size, backend, local_host=local_host, timeout_s=timeout_s
+        )
+        return rank
+
+    def segr1_receive_weights(self, plan: dict, version: int) -> int:
+        """Receive one sync and reload it in place; returns how many tensors were loaded.
+
+        Whatever happens inside the loader, the rest of the sync is still received (``drain``),
+        so the sender and the other receivers are never left blocked in a collective. A failed
+        load (the sender aborted, a tensor was rejected) leaves vLLM's layer-wise reloader half
+        way, with not-yet-loaded layers on the meta device; finishing it puts the old tensors
+        back into those layers, so the engine runs again (on a mix of versions, which the actor
+        refuses to sample from until a full sync succeeds).
+        """
+        if self._segr1_group is None:
+            raise RuntimeError("this worker has not joined a weight group (call join_weight_group first)")
+        parsed = BucketPlan.from_json(plan)
+        weights = receive_buckets(self._segr1_group, parsed, version)
+        try:
+            self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
+        except BaseException:
+            self._segr1_finish_failed_reload()
+            raise
+        finally:
+            drain(weights)
+        return parsed.num_tensors
+
+    def _segr1_finish_failed_reload(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        with set_current_vllm_config(self.vllm_config):  # type: ignore[attr-defined]
+            finalize_layerwise_reload(self.model_runner.get_model(), self.model_config)  # type: ignore[attr-defined]

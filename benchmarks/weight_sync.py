@@ -1,0 +1,164 @@
+"""Time one weight sync three ways over a real gloo group between processes.
+
+    python benchmarks/weight_sync.py [--layers 96 --hidden 256 --receivers 1 --bucket-mb 16 64 256]
+
+The synthetic model is shaped like a small transformer with many small tensors (per layer: q, k,
+v, o, gate, up, down matrices, two norms and three biases), a few hundred MB in float32. Each
+rank is its own process; rank 0 sends, the others receive and copy into their own copy of the
+model (the copy a real engine does while loading). Every timed sync starts and ends with a
+one-number all-reduce, so the time covers the slowest receiver.
+
+Modes:
+  flat       one broadcast of one buffer holding every byte (the wire's raw bandwidth; the
+             receiver does not even unpack it)
+  bucketed   segr1.weight_sync.send_buckets / receive_buckets at each bucket size: the
+             production path, handshake, headers, overlap of packing and sending included
+  per-param  one broadcast per tensor, no packing; the receiver copies each tensor from the
+             scratch tensor it landed in into its model (as a loader must)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segr1.weight_sync import WeightGroup, join_group, plan_buckets, receive_buckets, send_buckets  # noqa: E402
+
+
+def synthetic_model(layers: int, hidden: int, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    mlp = hidden * 11 // 4
+    shapes: list[tuple[str, tuple[int, ...]]] = [("embed.weight", (4 * hidden, hidden))]
+    for i in range(layers):
+        p = f"layers.{i}."
+        shapes += [
+            (p + "q.weight", (hidden, hidden)), (p + "q.bias", (hidden,)),
+            (p + "k.weight", (hidden // 4, hidden)), (p + "k.bias", (hidden // 4,)),
+            (p + "v.weight", (hidden // 4, hidden)), (p + "v.bias", (hidden // 4,)),
+            (p + "o.weight", (hidden, hidden)),
+            (p + "gate.weight", (mlp, hidden)), (p + "up.weight", (mlp, hidden)), (p + "down.weight", (hidden, mlp)),
+            (p + "norm1.weight", (hidden,)), (p + "norm2.weight", (hidden,)),
+        ]
+    return [(name, torch.randn(shape, generator=g)) for name, shape in shapes]
+
+
+def _barrier(group: WeightGroup) -> None:
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.SUM
+    group.pg.allreduce([torch.zeros(1)], opts).wait()
+
+
+def _time_once(group: WeightGroup, fn) -> float:
+    _barrier(group)
+    start = time.perf_counter()
+    fn()
+    _barrier(group)
+    return time.perf_counter() - start
+
+
+def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
+    torch.set_num_threads(1)
+    model = synthetic_model(args.layers, args.hidden, seed=0 if rank == 0 else 1)  # receivers start different
+    dest = dict(model)
+    timeout = datetime.timedelta(seconds=600)
+    store = dist.TCPStore("127.0.0.1", port, None, rank == 0, timeout, wait_for_workers=False) if rank == 0 else None
+    group = join_group("127.0.0.1", port, rank, world, "gloo", store=store, timeout_s=600)
+    total = sum(t.numel() * t.element_size() for _, t in model)
+    flat = torch.empty(total, dtype=torch.uint8)
+
+    modes = {"flat": lambda: group.broadcast(flat).wait()}
+    for mb in args.bucket_mb:
+        plan = plan_buckets([(n, t.shape, t.dtype) for n, t in model], mb << 20)
+
+        def bucketed(plan=plan) -> None:
+            if rank == 0:
+                send_buckets(group, plan, model, version=1)
+            else:
+                for name, tensor in receive_buckets(group, plan, version=1):
+                    dest[name].copy_(tensor)
+
+        modes[f"bucketed {mb} MB ({len(plan.buckets)} buckets)"] = bucketed
+
+    def per_param() -> None:
+        if rank == 0:
+            works = [group.broadcast(tensor) for _, tensor in model]
+            for work in works:
+                work.wait()
+            return
+        # A receiver cannot broadcast straight into an engine's parameters (vLLM stacks q/k/v,
+        # shards for tensor parallelism, re-packs for the CPU kernels): each tensor lands in a
+        # scratch tensor that the loader then copies, as in the bucketed mode.
+        scratch = [(name, torch.empty_like(dest[name])) for name, _ in model]
+        works = [group.broadcast(t) for _, t in scratch]
+        for (name, t), work in zip(scratch, works):
+            work.wait()
+            dest[name].copy_(t)
+
+    modes["per-param"] = per_param
+    timings: dict[str, list[float]] = {mode: [] for mode in modes}
+    for fn in modes.values():  # warm-up: connections, allocator, cached buffers
+        fn()
+    for _ in range(args.repeats):  # round-robin, so a busy moment of the machine hits every mode
+        for mode, fn in modes.items():
+            timings[mode].append(_time_once(group, fn))
+
+    if rank == 1:  # the receiver's copy must equal the sender's model after all this
+        reference = synthetic_model(args.layers, args.hidden, seed=0)
+        results["correct"] = all(torch.equal(dest[n], t) for n, t in reference)
+    if rank == 0:
+        results["timings"] = timings
+        results["bytes"] = total
+        results["tensors"] = len(model)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=96)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--receivers", type=int, default=1)
+    parser.add_argument("--bucket-mb", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    world = 1 + args.receivers
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_run_rank, args=(world, _free_port(), args, results), nprocs=world, join=True)
+        results = dict(results)
+
+    gb = results["bytes"] / 1e9
+    print(f"model: {results['tensors']} tensors, {results['bytes'] / 2**20:.0f} MiB float32; "
+          f"{args.receivers} receiver(s); median of {args.repeats} syncs; receiver copy correct: {results['correct']}")
+    flat = statistics.median(results["timings"]["flat"])
+    print(f"{'mode':<32} {'s/sync':>8} {'GB/s':>7} {'x flat':>7}")
+    for mode, times in results["timings"].items():
+        t = statistics.median(times)
+        print(f"{mode:<32} {t:8.4f} {gb / t:7.2f} {t / flat:7.2f}")
+    per_param = statistics.median(results["timings"]["per-param"])
+    best = min(statistics.median(v) for k, v in results["timings"].items() if k.startswith("bucketed"))
+    print(f"best bucketed: {best / flat:.2f}x flat (goal <= 1.5), per-param / best bucketed: "
+          f"{per_param / best:.1f}x (goal >= 3)")
+    return 0 if results["correct"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""The learner group: L ``LearnerWorker`` Ray actors in their own placement group, one DeepSpeed job.
+
+The driver talks to the group as if it were one learner. Each call splits the work with
+``plan_micro_batches`` (balanced by tokens, equal numbers of passes per rank), sends every rank
+its part in one call, and combines what comes back::
+
+    group = LearnerGroup(LearnerSettings(model_path=..., num_workers=2, zero_stage=3))
+    metrics = group.train_step(samples)          # loss, kl, clip_frac, entropy, grad_norm, tokens_per_s
+    group.save_checkpoint("runs/x/checkpoints", {"step": 1, "weight_version": 1, "data": ...})
+    group.shutdown()
+
+Actors are named ``<name_prefix>-<rank>`` (``learner-0`` ...). Rank 0 picks the rendezvous
+(its node's address, a free port) and holds the weight sender.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from learner import checkpoint as ckpt
+from learner.inputs import MicroBatch, plan_micro_batches
+from learner.worker import LearnerSettings, LearnerWorker, read_deepspeed_overrides
+from segr1.schema import TrainSample
+
+# Metrics that are rank sums already weighted by micro-batch share (they add up to batch values).
+_SHARE_WEIGHTED = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "dual_clip_frac", "ratio_mean")
+
+
+class LearnerGroup:
+    """L learner ranks as Ray actors forming one torch.distributed group (NCCL on GPUs, gloo on CPU)."""
+
+    def __init__(self, settings: LearnerSettings, runtime_env: dict[str, Any] | None = None) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not ray.is_initialized():
+            raise RuntimeError("LearnerGroup needs a running Ray (call ray.init first)")
+        if isinstance(settings.deepspeed_config, str):  # read here: ranks on other nodes may not see the file
+            settings = replace(settings, deepspeed_config=read_deepspeed_overrides(settings.deepspeed_config))
+        self.settings = settings
+        self.world_size = settings.num_workers
+        gpus = float(settings.num_gpus_per_worker)
+        if gpus > 0 and ray.cluster_resources().get("GPU", 0) < gpus * self.world_size:
+            raise RuntimeError(
+                f"learner needs {gpus * self.world_size:g} GPUs ({self.world_size} x {gpus:g}) but the "
+                f"cluster has {ray.cluster_resources().get('GPU', 0):g}; set num_gpus_per_worker=0 for CPU"
+            )
+        bundle = {"CPU": float(settings.num_cpus_per_worker)}
+        if gpus > 0:
+            bundle["GPU"] = gpus
+        self._pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
+        ray.get(self._pg.ready())
+        actor_cls = ray.remote(LearnerWorker)
+        self.workers = [
+            actor_cls.options(
+                name=f"{settings.name_prefix}-{rank}",
+                num_cpus=settings.num_cpus_per_worker,
+                num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
+                runtime_env=runtime_env,
+            ).remote(settings, rank, self.world_size)
+            for rank in range(self.world_size)
+        ]
+        try:
+            addr, port = ray.get(self.workers[0].master_address.remote())
+            self.info = ray.get([w.setup.remote(addr, port) for w in self.workers])
+        except Exception:
+            self.shutdown()
+            raise
+        self.weight_version = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def _each(self, method: str, per_rank: Sequence[Any], *args: Any) -> list[Any]:
+        import ray
+
+        return ray.get([getattr(w, method).remote(part, *args) for w, part in zip(self.workers, per_rank)])
+
+    def _plan(self, samples: Sequence[TrainSample], aggregation: str) -> list[list[MicroBatch]]:
+        return plan_micro_batches(list(samples), self.world_size, self.settings.micro_batch_size, aggregation)
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, samples: Sequence[TrainSample]) -> dict[str, float]:
+        """One GRPO update (``iterations_per_batch`` optimizer steps) on ``samples``; batch metrics."""
+        plans = self._plan(samples, self.settings.loss.aggregation)
+        return combine_metrics(self._each("train_step", plans, "grpo"))
+
+    def sft_step(self, samples: Sequence[TrainSample]) -> dict[str, float]:
+        """One supervised step: mean negative log-likelihood of the completion (answer) tokens."""
+        plans = self._plan(samples, "token_mean")
+        return combine_metrics(self._each("train_step", plans, "sft"))
+
+    def compute_logprobs(self, samples: Sequence[TrainSample]) -> list[list[float]]:
+        """The current policy's log-prob of each completion token, in the order of ``samples``."""
+        plans = self._plan(samples, "token_mean")
+        out: list[list[float] | None] = [None] * len(samples)
+        for rank_result in self._each("compute_logprobs", plans):
+            for index, logprobs in rank_result:
+                out[index] = logprobs
+        assert all(x is not None for x in out)
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ weights
+
+    def weights_digest(self, prefix: str = "") -> str:
+        """SHA-256 of the policy weights named ``prefix...`` (bit-identical weights give equal digests)."""
+        digests = set(self._all("weights_digest", prefix))
+        if len(digests) != 1:
+            raise RuntimeError(f"learner ranks disagree on the weights: {sorted(digests)}")
+        return digests.pop()
+
+    def export_hf(self, out_dir: str | Path) -> Path:
+        """Write the policy as a Hugging Face directory (safetensors) that transformers and vLLM load."""
+        return Path(self._all("export_hf", str(out_dir))[0])
+
+    def weight_sync_address(self) -> tuple[str, int]:
+        import ray
+
+        return tuple(ray.get(self.workers[0].weight_sync_address.remote()))  # type: ignore[return-value]
+
+    def init_weight_sync(self, host: str, port: int, world_size: int) -> dict:
+        """Form the weight group (issue the rollout engines' joins first: this blocks until all join).
+
+        Returns the bucket plan (JSON) every rollout engine needs to receive.
+        """
+        import ray
+
+        return ray.get(self.workers[0].init_weight_sync.remote(host, port, world_size))
+
+    def weight_plan(self) -> dict:
+        import ray
+
+        return ray.get(self.workers[0].weight_plan.remote())
+
+    def broadcast_weights(self, version: int) -> int:
+        """Stream the weights as ``version`` (issue the engines' receives first); returns bytes sent.
+
+        ``version`` may repeat the last one (a resumed job re-sends the restored version to fresh
+        engines) but never go back.
+        """
+        if version < self.weight_version:
+            raise ValueError(f"weight version must not go back: {version} after {self.weight_version}")
+        sent = self._all("broadcast_weights", version)[0]
+        self.weight_version = version
+        return int(sent)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, root: str | Path, client_state: dict[str, Any]) -> Path:
+        """Write ``root/step_N`` (N = ``client_state["step"]``, else the optimizer step count) atomically."""
+        import ray
+
+        root = Path(root)
+        step = client_state.get("step")
+        if step is None:
+            step = ray.get(self.workers[0].global_steps.remote())
+        name = ckpt.step_name(int(step))
+        tmp = root / f"{name}{ckpt.TMP_SUFFIX}"
+        self._all("save_checkpoint", str(tmp))
+        state = dict(client_state)
+        state.setdefault("weight_version", self.weight_version)
+        return Path(ray.get(self.workers[0].publish_checkpoint.remote(str(tmp), str(root), name, state)))
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any] | None:
+        """Restore from ``path`` (a root with ``latest``, or a step directory); None if there is none yet."""
+        path = Path(path)
+        if not (path / ckpt.LATEST).is_file() and not (path / ckpt.CLIENT_STATE).is_file():
+            return None
+        step_dir = ckpt.resolve(path)
+        states = self._all("load_checkpoint", str(step_dir))
+        state = states[0]
+        if "weight_version" in state:
+            self.weight_version = int(state["weight_version"])
+        return state
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for worker in getattr(self, "workers", []):
+            try:
+                ray.kill(worker)
+            except Exception:  # already dead: nothing to release
+                pass
+        self.workers = []
+        if getattr(self, "_pg", None) is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+
+def combine_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Batch metrics from the ranks' share-weighted sums; tokens per second over the slowest rank."""
+    out: dict[str, float] = {}
+    for name in _SHARE_WEIGHTED:
+        values = [r[name] for r in per_rank if name in r]
+        if values:
+            out[name] = float(sum(values))
+    seconds = max(r["seconds"] for r in per_rank)
+    tokens = sum(r["tokens"] for r in per_rank)
+    out.update({
+        "grad_norm": per_rank[0]["grad_norm"],
+        "lr": per_rank[0]["lr"],
+        "tokens": tokens,
+        "completion_tokens": sum(r["completion_tokens"] for r in per_rank),
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "seconds": seconds,
+        "optimizer_steps": per_rank[0]["optimizer_steps"],
+    })
+    return out

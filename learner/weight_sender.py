@@ -1,0 +1,101 @@
+"""The sending side of weight sync, run by the learner's rank 0.
+
+A sync from the driver's point of view (the learner's Ray actor wraps these calls)::
+
+    host, port = sender.address()                    # once, and again whenever the group changes
+    # concurrently: sender.join(world_size)  and  actor.join_weight_group(host, port, offset, world_size)
+    plan = sender.plan(weight_meta)                  # JSON-able; the same for every sync of a model
+    # concurrently: sender.send(named_tensors, version)  and  actor.receive_weights(plan, version)
+
+Rank 0 of the group is this sender; rollout engine workers take ranks 1..world_size-1 (an actor
+with tensor-parallel size t takes t consecutive ranks from its offset). Each ``address()`` after
+a ``join`` opens a fresh rendezvous store on a new port, so re-forming the group (an actor
+restarted, actors were added) never meets a stale store or a half-torn-down group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from segr1.weight_sync import (
+    DEFAULT_BUCKET_BYTES,
+    BucketPlan,
+    WeightGroup,
+    join_group,
+    open_store,
+    plan_buckets,
+    send_buckets,
+)
+
+
+def node_ip() -> str:
+    """This node's address as other Ray nodes reach it; loopback outside Ray."""
+    try:
+        import ray
+    except ImportError:  # a learner outside Ray (tests, benchmarks)
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+def weight_meta(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """``(name, shape, dtype)`` of unsharded tensors, the input of ``WeightSender.plan``."""
+    return [(name, tuple(t.shape), t.dtype) for name, t in named_tensors]
+
+
+class WeightSender:
+    """Rank 0 of the learner-to-rollout weight group."""
+
+    def __init__(
+        self,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        backend: str | None = None,
+        timeout_s: float = 1800.0,
+        host: str | None = None,
+    ) -> None:
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        self.bucket_bytes = bucket_bytes
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.timeout_s = timeout_s
+        self.host = host or node_ip()
+        self._store = None
+        self._port: int | None = None
+        self._group: WeightGroup | None = None
+        self._plan: BucketPlan | None = None
+
+    def address(self) -> tuple[str, int]:
+        """The rendezvous the next ``join`` uses; opens a fresh one if the last was consumed."""
+        if self._store is None:
+            self._store, self._port = open_store(self.host, self.timeout_s)
+        assert self._port is not None
+        return self.host, self._port
+
+    def join(self, world_size: int) -> None:
+        """Form the group of ``world_size`` ranks (this one is 0); blocks until all have joined."""
+        if world_size < 2:
+            raise ValueError(f"a weight group needs the sender and at least one receiver, got {world_size}")
+        self.address()
+        store, self._store, self._port = self._store, None, None
+        self._group = None
+        self._group = join_group(
+            self.host, 0, 0, world_size, self.backend, local_host=self.host, store=store, timeout_s=self.timeout_s
+        )
+
+    @property
+    def world_size(self) -> int:
+        return 0 if self._group is None else self._group.world_size
+
+    def plan(self, named_tensors_meta: Iterable[tuple[str, Iterable[int], torch.dtype | str]]) -> BucketPlan:
+        """Bucket plan for tensors streamed in this order; kept for the following ``send`` calls."""
+        self._plan = plan_buckets(named_tensors_meta, self.bucket_bytes)
+        return self._plan
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Stream one sync (the tensors in plan order) to every receiver; returns the bytes sent."""
+        if self._group is None:
+            raise RuntimeError("send before join: no weight group has been formed")
+        if self._plan is None:
+            raise RuntimeError("send before plan: call plan(weight_meta) first")
+        return send_buckets(self._group, self._plan, named_tensors, version)

@@ -1,0 +1,445 @@
+"""One learner rank: a DeepSpeed engine over the Qwen2.5-VL policy (and a frozen reference).
+
+``LearnerGroup`` runs one ``LearnerWorker`` per GPU as a Ray actor; ``segr1.sft`` runs a single
+one in-process. Every public method that touches the model is collective: all ranks of the
+group call it with their share of the work, and they take the same number of forward and
+backward passes (fillers included, see ``plan_micro_batches``) because under ZeRO-3 each pass
+gathers parameters from every rank.
+
+The loss of a micro-batch is multiplied by its share of the batch objective and by the world
+size before ``backward``: DeepSpeed averages gradients over ranks, so the optimizer sees the
+gradient of the batch loss in one piece, independent of how the batch was split. Gradient
+accumulation boundaries are set by hand (the number of micro-batches depends on the batch).
+
+Heavy imports (DeepSpeed, transformers) happen inside the methods, so the driver can import
+``LearnerSettings`` without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from learner import checkpoint as ckpt
+from learner.export import export_hf, full_parameters, parameter_metas, weights_digest
+from learner.inputs import MicroBatch, ModelBatch, PromptCache, collate, completion_logits, token_logprobs
+from segr1.grpo import LossSettings, aggregate, entropy_from_logits, grpo_loss
+
+
+@dataclass
+class LearnerSettings:
+    """What the learner needs; field names follow ``segr1.config.LearnerConfig`` where they overlap.
+
+    ``deepspeed_config`` (a JSON file, or its content as a dict) is merged over the generated
+    DeepSpeed config, its values winning. ``LearnerGroup`` reads a file on the driver, so the ranks
+    need not see the path. The learning rate is constant after ``warmup_steps`` of linear warm-up.
+    """
+
+    model_path: str
+    num_workers: int = 1
+    num_gpus_per_worker: float = 1.0
+    num_cpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    bf16: bool = True
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4
+    iterations_per_batch: int = 1
+    gradient_checkpointing: bool = True
+    freeze_vision: bool = False
+    deepspeed_config: str | dict | None = None
+    loss: LossSettings = field(default_factory=LossSettings)
+    seed: int = 0
+    sync_bucket_mb: int = 256
+    prompt_cache_groups: int = 64
+    name_prefix: str = "learner"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_workers >= 1, "num_workers must be >= 1"),
+            (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)"),
+            (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (self.iterations_per_batch >= 1, "iterations_per_batch must be >= 1"),
+            (self.sync_bucket_mb >= 1, "sync_bucket_mb must be >= 1"),
+            (self.prompt_cache_groups >= 1, "prompt_cache_groups must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"LearnerSettings: {message}")
+        if not isinstance(self.loss, LossSettings):
+            raise TypeError(
+                f"LearnerSettings.loss must be a segr1.grpo.LossSettings, got {type(self.loss).__name__}"
+            )
+        if isinstance(self.deepspeed_config, str) and not Path(self.deepspeed_config).is_file():
+            raise ValueError(f"LearnerSettings: deepspeed_config {self.deepspeed_config} is not a file")
+
+
+def read_deepspeed_overrides(source: str | dict | None) -> dict:
+    """The user's DeepSpeed overrides: a dict as given, or the JSON object in a file."""
+    if source is None or isinstance(source, dict):
+        return dict(source or {})
+    try:
+        data = json.loads(Path(source).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"deepspeed_config {source}: unreadable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"deepspeed_config {source}: must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(settings: LearnerSettings, world_size: int, bf16: bool) -> dict:
+    """The DeepSpeed config of the policy engine, with the user's JSON file merged over it.
+
+    ``gradient_accumulation_steps`` is 1 here only to satisfy DeepSpeed's batch arithmetic: the
+    worker marks accumulation boundaries itself, since the number of micro-batches per step
+    follows the batch it is given.
+    """
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": settings.micro_batch_size * world_size,
+        "gradient_clipping": settings.grad_clip,
+        "zero_optimization": {"stage": settings.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, read_deepspeed_overrides(settings.deepspeed_config))
+
+
+def reference_config(policy_config: dict) -> dict:
+    """The frozen reference's engine: ZeRO-3 partitions it like the policy, other stages replicate it."""
+    zero3 = policy_config["zero_optimization"].get("stage") == 3
+    return {
+        "train_micro_batch_size_per_gpu": policy_config["train_micro_batch_size_per_gpu"],
+        "train_batch_size": policy_config["train_batch_size"],
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3 if zero3 else 0},
+        "bf16": dict(policy_config.get("bf16", {"enabled": False})),
+        "steps_per_print": 1 << 30,
+    }
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class LearnerWorker:
+    """One rank of the learner; plain class, wrapped as a Ray actor by ``LearnerGroup``."""
+
+    def __init__(self, settings: LearnerSettings, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a learner of {world_size} ranks")
+        self.settings = settings
+        self.rank = rank
+        self.world_size = world_size
+        self.engine: Any = None
+        self.reference: Any = None
+        self.processor: Any = None
+        self.cache: PromptCache | None = None
+        self.sender: Any = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def master_address(self) -> tuple[str, int]:
+        """This node's address and a free port for the group's rendezvous (asked of rank 0)."""
+        from learner.weight_sender import node_ip
+
+        host = node_ip()
+        return host, _free_port(host)
+
+    def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
+        """Join the process group and build the engines; returns a short description."""
+        import deepspeed
+
+        on_gpu = torch.cuda.is_available()
+        os.environ.update({
+            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0",
+        })
+        if on_gpu:
+            torch.cuda.set_device(0)  # Ray shows each actor only its own GPU
+        deepspeed.init_distributed(
+            dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False,
+            rank=self.rank, world_size=self.world_size, distributed_port=master_port,
+        )
+        _seed_everything(self.settings.seed)
+        self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+        self.bf16 = self.settings.bf16 and (not on_gpu or torch.cuda.is_bf16_supported())
+        self.ds_config = deepspeed_config(self.settings, self.world_size, self.bf16)
+        self.zero3 = self.ds_config["zero_optimization"].get("stage") == 3
+        self._build_policy()
+        if self.settings.loss.kl_coef > 0:
+            self._build_reference()
+        return {"rank": self.rank, "device": str(self.device), "bf16": self.bf16, "zero3": self.zero3}
+
+    def _load_model(self) -> torch.nn.Module:
+        """The whole model on every rank; ``deepspeed.initialize`` partitions it under ZeRO-3.
+
+        Loading straight into partitions (``HfDeepSpeedConfig`` + ``zero.Init``) would need the
+        ``accelerate`` package; a full copy per rank in host memory is the price of going without.
+        """
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(
+            self.settings.model_path, dtype=torch.bfloat16 if self.bf16 else torch.float32
+        )
+        model.config.use_cache = False
+        return model
+
+    def _build_policy(self) -> None:
+        import deepspeed
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(self.settings.model_path)
+        self.cache = PromptCache(self.processor, self.settings.prompt_cache_groups)
+        model = self._load_model()
+        if self.settings.freeze_vision:
+            model.model.visual.requires_grad_(False)
+        if self.settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = torch.optim.AdamW(
+            self._param_groups(model), lr=self.settings.lr, betas=(0.9, 0.999), eps=1e-8
+        )
+        warmup = self.settings.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        self.engine.train()
+
+    def _param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """Weight decay on matrices only: decaying norms and biases pulls them toward zero for nothing."""
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
+            (decay if len(shape) >= 2 and not name.endswith("bias") else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": self.settings.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def _build_reference(self) -> None:
+        import deepspeed
+
+        model = self._load_model()
+        model.requires_grad_(False)
+        model.eval()
+        self.reference, _, _, _ = deepspeed.initialize(model=model, config=reference_config(self.ds_config))
+        self.reference.eval()
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _batch(self, micro: MicroBatch) -> ModelBatch:
+        assert self.cache is not None
+        prompts = [self.cache.get(s) for s in micro.samples]
+        return collate(micro.samples, prompts, self.processor.tokenizer.pad_token_id).to(self.device)
+
+    def _reference_logprobs(self, batch: ModelBatch) -> torch.Tensor | None:
+        if self.reference is None:
+            return None
+        with torch.no_grad():
+            return token_logprobs(completion_logits(self.reference, batch), batch.completion_ids)
+
+    def compute_logprobs(self, micro_batches: list[MicroBatch]) -> list[tuple[int, list[float]]]:
+        """The policy's log-prob of every completion token, as (caller index, log-probs) pairs."""
+        self.engine.eval()
+        out: list[tuple[int, list[float]]] = []
+        try:
+            with torch.no_grad():
+                for micro in micro_batches:
+                    batch = self._batch(micro)
+                    logp = token_logprobs(completion_logits(self.engine, batch), batch.completion_ids).cpu()
+                    for row, index in enumerate(micro.indices):
+                        n = len(micro.samples[row].completion_ids)
+                        out.append((index, logp[row, :n].tolist()))
+        finally:
+            self.engine.train()
+        return out
+
+    def _micro_loss(
+        self, micro: MicroBatch, batch: ModelBatch, ref_logp: torch.Tensor | None, objective: str
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = completion_logits(self.engine, batch)
+        logp = token_logprobs(logits, batch.completion_ids)
+        if micro.is_filler:
+            # Same passes as the other ranks, no contribution: the gradient of 0 x logp is zero.
+            return logp.sum() * 0.0, {}
+        mask = batch.completion_mask
+        if objective == "sft":
+            loss = -aggregate(logp, mask, "token_mean")
+            with torch.no_grad():
+                entropy = aggregate(entropy_from_logits(logits), mask, "token_mean")
+            return loss, {"loss": loss.item(), "entropy": entropy.item()}
+        loss_settings = self.settings.loss
+        if loss_settings.entropy_coef > 0:
+            entropy = entropy_from_logits(logits)
+        else:
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits)
+        return grpo_loss(logp, batch.behavior_logprobs, ref_logp, batch.advantages, mask, loss_settings, entropy)
+
+    def train_step(self, micro_batches: list[MicroBatch], objective: str = "grpo") -> dict[str, float]:
+        """``iterations_per_batch`` optimizer steps over this rank's micro-batches.
+
+        Returns this rank's sums: every metric weighted by its micro-batch's share (the group adds
+        the ranks up), plus token counts and the wall time.
+        """
+        if objective not in ("grpo", "sft"):
+            raise ValueError(f"unknown objective {objective!r}; expected 'grpo' or 'sft'")
+        start = time.perf_counter()
+        batches = [self._batch(micro) for micro in micro_batches]
+        refs = [self._reference_logprobs(b) if objective == "grpo" else None for b in batches]
+        iterations = self.settings.iterations_per_batch if objective == "grpo" else 1
+        sums: dict[str, float] = {}
+        grad_norm = float("nan")
+        for _ in range(iterations):
+            for i, (micro, batch, ref) in enumerate(zip(micro_batches, batches, refs)):
+                self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+                loss, metrics = self._micro_loss(micro, batch, ref, objective)
+                self.engine.backward(loss * (micro.share * self.world_size), scale_wrt_gas=False)
+                for name, value in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + micro.share * value / iterations
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()  # before clipping
+            grad_norm = float(norm) if norm is not None else float("nan")
+        tokens = sum(b.num_tokens for b in batches) * iterations
+        completion = sum(b.completion_mask.sum().item() for m, b in zip(micro_batches, batches) if not m.is_filler)
+        return {
+            **sums,
+            "grad_norm": grad_norm,
+            "tokens": float(tokens),
+            "completion_tokens": float(completion),
+            "seconds": time.perf_counter() - start,
+            "lr": float(self.engine.get_lr()[0]),
+            "optimizer_steps": float(self.engine.global_steps),
+        }
+
+    # ------------------------------------------------------------------ weights out
+
+    def weights_digest(self, prefix: str = "") -> str:
+        """SHA-256 of the full weights whose names start with ``prefix`` (collective under ZeRO-3)."""
+        return weights_digest(self.engine.module, self.zero3, prefix)
+
+    def export_hf(self, out_dir: str) -> str:
+        """Write a Hugging Face directory of the current policy (rank 0 writes; all ranks gather)."""
+        path = export_hf(self.engine.module, self.processor, out_dir, self.zero3, write=self.rank == 0)
+        torch.distributed.barrier()
+        return str(path)
+
+    def weight_sync_address(self) -> tuple[str, int]:
+        """Rank 0: the rendezvous the rollout engines join (a fresh one after each join)."""
+        return self._sender().address()
+
+    def init_weight_sync(self, host: str, port: int, world_size: int) -> dict:
+        """Rank 0: form the weight group at ``host:port`` (blocks until all ``world_size`` ranks join).
+
+        Returns the bucket plan (JSON) the receivers need for every following ``broadcast_weights``.
+        """
+        sender = self._sender()
+        if (host, int(port)) != sender.address():
+            raise ValueError(f"init_weight_sync({host}:{port}) does not match the sender's {sender.address()}")
+        sender.join(world_size)
+        return sender.plan(parameter_metas(self.engine.module)).to_json()
+
+    def weight_plan(self) -> dict:
+        """Rank 0: the bucket plan of every sync (names, shapes, dtypes, offsets)."""
+        return self._sender().plan(parameter_metas(self.engine.module)).to_json()
+
+    def broadcast_weights(self, version: int) -> int:
+        """All ranks: gather (ZeRO-3) while rank 0 streams the weights to the rollout engines.
+
+        Returns the bytes rank 0 sent (0 on the other ranks).
+        """
+        chunk = self.settings.sync_bucket_mb << 20
+        tensors = full_parameters(self.engine.module, self.zero3, chunk)
+        if self.rank != 0:
+            for _ in tensors:  # take part in every gather, in the same order as rank 0
+                pass
+            return 0
+        return int(self._sender().send(tensors, version))
+
+    def _sender(self):
+        if self.rank != 0:
+            raise RuntimeError(f"rank {self.rank}: only learner rank 0 sends weights")
+        if self.sender is None:
+            from learner.weight_sender import WeightSender
+
+            self.sender = WeightSender(bucket_bytes=self.settings.sync_bucket_mb << 20)
+        return self.sender
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, tmp_dir: str) -> None:
+        """All ranks: write engine states and this rank's RNG into ``tmp_dir`` (published by rank 0)."""
+        path = Path(tmp_dir)
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)  # left by a save that crashed: its files may not match this world size
+        torch.distributed.barrier()
+        self.engine.save_checkpoint(str(path), tag=ckpt.DEEPSPEED_TAG, client_state={}, save_latest=False)
+        ckpt.save_rng(path, self.rank)
+        torch.distributed.barrier()
+
+    def publish_checkpoint(self, tmp_dir: str, root: str, name: str, client_state: dict) -> str:
+        """Rank 0, after every rank saved: add the caller's state and publish atomically."""
+        ckpt.write_client_state(Path(tmp_dir), client_state)
+        return str(ckpt.publish(Path(tmp_dir), Path(root), name))
+
+    def load_checkpoint(self, step_dir: str) -> dict:
+        """All ranks: restore module, optimizer, scheduler and RNG; returns the caller's state."""
+        path = Path(step_dir)
+        loaded, _ = self.engine.load_checkpoint(
+            str(path), tag=ckpt.DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if loaded is None:
+            raise ckpt.CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
+        ckpt.load_rng(path, self.rank)
+        torch.distributed.barrier()
+        return ckpt.read_client_state(path)
+
+    def global_steps(self) -> int:
+        return int(self.engine.global_steps)
+
+    def shutdown(self) -> None:
+        """Leave the process group (lets a new group form in this process, e.g. after SFT)."""
+        self.sender = None
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+

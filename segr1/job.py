@@ -1,0 +1,167 @@
+"""Wiring: from a ``Config`` to running rollout, reward and learner roles and a ``Trainer``.
+
+This and ``segr1.run`` are the only modules of ``segr1`` that import ``actors`` and ``learner``.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.reward import RewardSettings, make_reward_pool
+from actors.rollout import RolloutPool, RolloutSettings, SamplingSettings
+from learner.group import LearnerGroup
+from learner.worker import LearnerSettings
+from segr1 import tiny
+from segr1.config import Config, config_dict
+from segr1.configtools import write_yaml
+from segr1.data import ShardReader, read_manifest, write_synth
+from segr1.monitor import Monitor
+from segr1.pipeline import Pipeline, prompts_per_call
+from segr1.prompt_source import PromptSource
+from segr1.ray_cluster import connect, place_roles, role_requests
+from segr1.trainer import Trainer
+
+log = logging.getLogger("segr1")
+
+
+class WeightSync:
+    """Keeps every rollout engine on the learner's weights: one group, one push per version.
+
+    A rollout actor that Ray restarted comes back at version 0 and outside the group; before each
+    push the group is re-formed if any engine is out of it, so the push reaches everyone.
+    """
+
+    def __init__(self, learner: LearnerGroup, rollout: RolloutPool) -> None:
+        self.learner = learner
+        self.rollout = rollout
+        self.version = 0
+        self._form()
+
+    def _form(self) -> None:
+        host, port = self.learner.weight_sync_address()
+        joins = self.rollout.join_weight_group(host, port)
+        # The learner blocks until every engine has joined; an engine that died instead would
+        # leave it waiting for the group's whole timeout, so watch the joins while it waits.
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            sender = pool.submit(self.learner.init_weight_sync, host, port, self.rollout.world_size)
+            pending = joins
+            while pending:
+                done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+                ray.get(done)  # raises the engine's error at once
+            self.plan = sender.result()
+        finally:
+            pool.shutdown(wait=False)  # on error the job's shutdown kills the learner it waits on
+        self.address = (host, port)
+
+    def push(self, version: int) -> int:
+        """Send the learner's weights as ``version`` to every engine; returns the version."""
+        if self.rollout.out_of_sync(self.version, self.address):
+            log.warning("re-forming the weight group: a rollout engine restarted or joined late")
+            self._form()
+        receives = self.rollout.receive_weights(self.plan, version)
+        self.learner.broadcast_weights(version)
+        ray.get(receives)
+        self.version = version
+        return version
+
+
+def resolve_model(config: Config) -> str:
+    return str(tiny.build_qwen(seed=config.model.seed)) if config.model.path == "tiny" else config.model.path
+
+
+def reward_settings(config: Config) -> RewardSettings:
+    sam2, reward = config.sam2, config.reward
+    config_name, checkpoint, image_size = sam2.config, sam2.checkpoint, sam2.image_size
+    if checkpoint == "tiny":
+        built = tiny.build_sam2(seed=config.model.seed, image_size=image_size or 256)
+        config_name, checkpoint, image_size = built.config, str(built.checkpoint), built.image_size
+    return RewardSettings(
+        backend=sam2.backend, sam2_config=config_name, sam2_checkpoint=checkpoint,
+        sam2_image_size=image_size, box_point_radius=float(sam2.box_point_radius),
+        num_gpus=reward.num_gpus_per_actor, num_cpus=reward.num_cpus_per_actor, bf16=reward.bf16,
+        decode_chunk=reward.decode_chunk, weights=reward.weights, limits=reward.limits,
+    )
+
+
+def dataset_dir(config: Config, out_dir: Path, split: str) -> Path | None:
+    """The shard directory of ``split``; ``synthetic`` data is generated once under the run."""
+    data = config.data
+    source = data.train if split == "train" else data.eval
+    if source != "synthetic" and not (split == "eval" and source is None and data.train == "synthetic"):
+        return Path(source) if source else None
+    count = data.synthetic_count if split == "train" else data.synthetic_eval_count
+    seed = data.seed if split == "train" else data.seed + 1
+    path = out_dir / "data" / f"synthetic-{split}"
+    try:
+        read_manifest(path)
+    except (OSError, ValueError):
+        log.info("writing %d synthetic %s records to %s", count, split, path)
+        write_synth(path, count, data.image_size, seed, overwrite=True)
+    return path
+
+
+def build_job(config: Config, out_dir: Path) -> Any:
+    from transformers import AutoProcessor
+
+    from segr1.run import Job
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_yaml(config_dict(config), out_dir / "config.yaml")  # what this run really used
+    info = connect(config.ray.address, config.ray.num_cpus, config.ray.dashboard_host, config.ray.dashboard_port)
+    model_path = resolve_model(config)
+    processor = AutoProcessor.from_pretrained(model_path)
+    train_dir = dataset_dir(config, out_dir, "train")
+    assert train_dir is not None
+    reader = ShardReader(train_dir, shuffle=config.data.shuffle, seed=config.data.seed)
+    source = PromptSource(reader, processor, config.data.task, put=ray.put)
+    eval_dir = dataset_dir(config, out_dir, "eval")
+    eval_prompts = []
+    if eval_dir is not None and config.trainer.eval_every > 0:
+        eval_reader = ShardReader(eval_dir, shuffle=False, epochs=1)
+        eval_prompts = PromptSource(eval_reader, processor, config.data.task, put=ray.put, prefix="eval").next(
+            len(eval_reader)
+        )
+
+    use_gpus = info.num_gpus > 0
+    placements = place_roles([r for r in role_requests(config, use_gpus) if r.role != "learner"])
+    r = config.rollout
+    rollout = RolloutPool(
+        RolloutSettings(
+            model=model_path, dtype=config.model.dtype, tensor_parallel_size=r.num_gpus_per_actor,
+            max_model_len=r.max_model_len, kv_cache_memory_bytes=r.kv_cache_memory_bytes,
+            gpu_memory_utilization=r.gpu_memory_utilization, seed=config.trainer.seed,
+            min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels, enforce_eager=r.enforce_eager,
+        ),
+        r.num_actors, placement=placements["rollout"], max_in_flight_per_actor=r.max_in_flight_per_actor,
+        max_restarts=r.max_restarts,
+    )
+    reward = make_reward_pool(
+        reward_settings(config), config.reward.num_actors, max_restarts=config.reward.max_restarts,
+        max_in_flight_per_actor=config.reward.max_in_flight_per_actor, placement_group=placements["reward"].placement_group,
+    )
+    lc = config.learner
+    learner = LearnerGroup(LearnerSettings(
+        model_path=model_path, num_workers=lc.num_workers, num_gpus_per_worker=lc.num_gpus_per_worker if use_gpus else 0,
+        num_cpus_per_worker=lc.num_cpus_per_worker, zero_stage=lc.zero_stage, bf16=config.model.dtype == "bfloat16",
+        lr=lc.lr, warmup_steps=lc.warmup_steps, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
+        micro_batch_size=lc.micro_batch_size, iterations_per_batch=lc.iterations_per_batch,
+        gradient_checkpointing=lc.gradient_checkpointing, freeze_vision=lc.freeze_vision,
+        deepspeed_config=lc.deepspeed_config, loss=config.grpo, seed=config.trainer.seed,
+        sync_bucket_mb=lc.sync_bucket_mb,
+    ))
+    weights = WeightSync(learner, rollout)
+    sampling = SamplingSettings(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
+    pipeline = Pipeline(
+        rollout.pool, reward.pool, sampling,
+        prompts_per_call(config.trainer.prompts_per_step, r.num_actors, r.max_in_flight_per_actor),
+    )
+    monitor = Monitor(out_dir, config.trainer.steps)
+    trainer = Trainer(config, pipeline, learner, weights, source, eval_prompts, monitor,
+                      out_dir / "checkpoints", fetch=ray.get)
+    return Job(trainer, rollout, reward, learner, monitor, list(placements.values()), info.started_locally)

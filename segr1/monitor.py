@@ -1,0 +1,117 @@
+"""What a running job shows: one log line and a progress bar per step, JSONL and TensorBoard logs,
+Ray metrics for the dashboard, and sample pictures every few steps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from segr1.draw import panel
+
+log = logging.getLogger("segr1")
+
+# The figures of the one-line summary, in order; everything else goes to the files and the dashboard.
+HEADLINE = ("reward", "iou", "kl", "loss", "step_s", "samples_per_s", "weight_version", "eval_reward", "eval_iou")
+
+
+@dataclass
+class SampleView:
+    """One completion worth looking at: the picture's inputs and the text the policy wrote."""
+
+    group_id: str
+    image: np.ndarray
+    gt_mask: np.ndarray
+    pred_mask: np.ndarray
+    boxes: np.ndarray
+    points: np.ndarray
+    labels: np.ndarray
+    policy_size: tuple[int, int]
+    text: str
+    reward: float
+
+
+class Monitor:
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, ray_metrics: bool = True) -> None:
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        self._tb = _tensorboard(out_dir / "tensorboard")
+        self._gauges: dict[str, Any] = {}
+        self._ray_metrics = ray_metrics
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log_step(self, step: int, metrics: dict[str, float], advance: bool = True) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if isinstance(value, (int, float)) and name != "step":
+                if self._tb is not None:
+                    self._tb.add_scalar(name, value, step)
+                self._gauge(name, float(value))
+        if advance:
+            self._bar.update(1)
+        self._bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "kl") if k in metrics})
+        log.info("step %d %s", step, " ".join(f"{k}={metrics[k]:.4g}" for k in HEADLINE if k in metrics))
+
+    def save_samples(self, step: int, samples: list[SampleView]) -> Path:
+        """Pictures and texts of a few samples under ``samples/step_<n>/``, written then renamed."""
+        final = self.out_dir / "samples" / f"step_{step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        index = []
+        for i, sample in enumerate(samples):
+            picture = panel(sample.image, sample.gt_mask, sample.pred_mask, sample.boxes,
+                            sample.points, sample.labels, sample.policy_size)
+            picture.save(tmp / f"{i}.png")
+            index.append({"file": f"{i}.png", "group_id": sample.group_id, "reward": sample.reward,
+                          "completion": sample.text})
+        (tmp / "samples.json").write_text(json.dumps(index, indent=1))
+        if final.exists():  # a resumed run redoing this step replaces the older pictures
+            _remove_tree(final)
+        os.replace(tmp, final)
+        return final
+
+    def close(self) -> None:
+        self._bar.close()
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def _gauge(self, name: str, value: float) -> None:
+        if not self._ray_metrics:
+            return
+        from ray.util.metrics import Gauge
+
+        metric = "segr1_" + re.sub(r"[^a-zA-Z0-9_]", "_", name)
+        if metric not in self._gauges:
+            self._gauges[metric] = Gauge(metric, description=f"segr1 {name}")
+        self._gauges[metric].set(value)
+
+
+def _tensorboard(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a declared dependency; this only guards broken installs
+        log.warning("tensorboard is not importable; writing JSONL logs only")
+        return None
+    return SummaryWriter(str(path))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+def _remove_tree(path: Path) -> None:
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()

@@ -1,0 +1,79 @@
+"""Prompts in, scored groups out: each group goes to a reward actor the moment it is generated.
+
+The driver never waits for a whole batch of rollouts before scoring starts; with several rollout
+and reward actors, generation and SAM2 decoding of different groups overlap. ``pump`` is called in a
+loop by the trainer (also while the learner trains, in async mode) and returns whatever has been
+scored since the last call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from segr1.prompt_source import IssuedPrompt
+from segr1.schema import RolloutGroup, ScoredGroup
+
+
+@dataclass
+class ScoredPrompt:
+    """A scored group with the mask ref it was scored against, for sample pictures."""
+
+    group: ScoredGroup
+    mask: Any
+
+
+@dataclass
+class Pipeline:
+    rollout: Any  # ActorPool of RolloutActors (method "generate")
+    reward: Any  # ActorPool of RewardActors (method "score_group")
+    sampling: Any  # the default SamplingSettings for the rollout actors
+    prompts_per_call: int = 1
+    _masks: dict[str, Any] = field(default_factory=dict)
+    _want_masks: set[str] = field(default_factory=set)
+
+    def submit(self, prompts: list[IssuedPrompt], sampling: Any = None, with_masks: int = 0) -> None:
+        """Start generating ``prompts``; the first ``with_masks`` groups return predicted masks too."""
+        sampling = self.sampling if sampling is None else sampling
+        for i, prompt in enumerate(prompts):
+            self._masks[prompt.item.group_id] = prompt.mask
+            if i < with_masks:
+                self._want_masks.add(prompt.item.group_id)
+        size = max(1, self.prompts_per_call)
+        for start in range(0, len(prompts), size):
+            chunk = [p.item for p in prompts[start : start + size]]
+            self.rollout.submit("generate", chunk, sampling)
+
+    @property
+    def pending(self) -> int:
+        return self.rollout.pending + self.reward.pending
+
+    def pump(self, timeout: float = 0.05) -> list[ScoredPrompt]:
+        """Forward finished rollouts to scoring; return the groups scored since the last call."""
+        for task in self.rollout.poll(timeout if not self.reward.pending else 0.0):
+            for group in task.result:
+                self._score(group)
+        scored = []
+        for task in self.reward.poll(timeout if not self.rollout.pending else 0.0):
+            group: RolloutGroup = task.args[0]
+            mask = self._masks.pop(group.group_id)
+            self._want_masks.discard(group.group_id)
+            scored.append(ScoredPrompt(ScoredGroup(group, task.result), mask))
+        return scored
+
+    def collect(self, count: int) -> list[ScoredPrompt]:
+        """Block until ``count`` more groups are scored (or nothing is left in flight)."""
+        out: list[ScoredPrompt] = []
+        while len(out) < count and self.pending:
+            out.extend(self.pump(timeout=0.5))
+        return out
+
+    def _score(self, group: RolloutGroup) -> None:
+        gid = group.group_id
+        self.reward.submit("score_group", group, self._masks[gid], gid in self._want_masks)
+
+
+def prompts_per_call(prompts_per_step: int, num_actors: int, max_in_flight: int) -> int:
+    """Chunk a step's prompts so every actor slot gets work but each engine call still batches."""
+    return max(1, math.ceil(prompts_per_step / (num_actors * max_in_flight)))

@@ -1,0 +1,88 @@
+"""Records to prompts: render each record's chat prompt and put its image and mask in the store once.
+
+The driver owns one ``PromptSource`` over a ``ShardReader``; its position (the reader's state plus
+how many prompts it has issued) is part of every checkpoint, so a resumed run sees the same records
+in the same order as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from segr1.data import Record, ShardReader
+from segr1.prompts import build_messages, render_prompt
+from segr1.schema import PromptItem
+
+TEXT_TASKS = ("refer", "reason")
+
+
+@dataclass(frozen=True)
+class IssuedPrompt:
+    """A prompt item plus the ground-truth mask reference the reward actor scores it against."""
+
+    item: PromptItem
+    mask: Any
+
+
+class PromptSource:
+    """Turns records into ``IssuedPrompt``s; ``put`` is ``ray.put`` in a job (identity in tests)."""
+
+    def __init__(
+        self,
+        reader: ShardReader,
+        processor: Any,
+        task: str | None = None,
+        put: Callable[[Any], Any] = lambda value: value,
+        prefix: str = "g",
+    ) -> None:
+        self.reader = reader
+        self.processor = processor
+        self.task = task
+        self.put = put
+        self.prefix = prefix
+        self.issued = 0
+        self._records: Iterator[Record] = iter(reader)
+        self._prompts: dict[str, str] = {}
+
+    def next(self, count: int) -> list[IssuedPrompt]:
+        """The next ``count`` prompts; raises StopIteration when a finite reader runs out."""
+        return [self._issue(next(self._records)) for _ in range(count)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reader": self.reader.state_dict(), "issued": self.issued}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reader.load_state_dict(state["reader"])
+        self.issued = int(state["issued"])
+        self._records = iter(self.reader)
+
+    def _issue(self, record: Record) -> IssuedPrompt:
+        task = self.task or record.task
+        expression = self._expression(record) if task in TEXT_TASKS else None
+        item = PromptItem(
+            group_id=f"{self.prefix}{self.issued}:{record.id}",
+            record_id=record.id,
+            prompt=self._render(task, expression),
+            image=self.put(np.ascontiguousarray(record.image)),
+            policy_size=(record.image.shape[1], record.image.shape[0]),
+            task=task,
+        )
+        self.issued += 1
+        return IssuedPrompt(item=item, mask=self.put(np.ascontiguousarray(record.mask)))
+
+    def _expression(self, record: Record) -> str:
+        """One of the record's expressions, chosen by the issue count so it is reproducible."""
+        if not record.texts:
+            raise ValueError(f"record {record.id!r} has no expression for task {self.task!r}")
+        return record.texts[self.issued % len(record.texts)]
+
+    def _render(self, task: str, expression: str | None) -> str:
+        if expression is not None:
+            return render_prompt(self.processor, build_messages(task, expression))
+        if task not in self._prompts:  # COD/SOD prompts are identical for every record
+            self._prompts[task] = render_prompt(self.processor, build_messages(task))
+        return self._prompts[task]

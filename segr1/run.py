@@ -1,0 +1,87 @@
+"""``python -m segr1.run``: the GRPO training job (also what ``ray job submit`` runs).
+
+With no arguments it runs the ``tiny`` preset: tiny random models built locally, synthetic
+camouflage data, a local Ray cluster with its dashboard on 127.0.0.1. Everything else is the same
+code a GPU cluster runs: ``python -m segr1.run --config cod --rollout.num_actors 8``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from segr1.config import Config, load_config
+from segr1.configtools import ConfigError
+
+log = logging.getLogger("segr1")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m segr1.run",
+        description="Train a Qwen2.5-VL policy to prompt SAM2 with GRPO (Seg-R1) on Ray.",
+        epilog="Any setting can be overridden with --section.key VALUE, e.g. --rollout.num_actors 8 "
+        "--trainer.mode async. See docs/training.md.",
+    )
+    parser.add_argument("--config", default="tiny", help="preset (tiny, prerl, cod, sod) or a YAML file")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    return parser.parse_known_args(argv)
+
+
+@dataclass
+class Job:
+    """Everything a run holds on to, so it can be shut down in one place."""
+
+    trainer: Any
+    rollout: Any
+    reward: Any
+    learner: Any
+    monitor: Any
+    placements: list[Any]
+    owns_cluster: bool
+
+    def shutdown(self) -> None:
+        import ray
+
+        self.monitor.close()
+        for role in (self.rollout, self.reward, self.learner):
+            role.shutdown()
+        for placement in self.placements:
+            placement.remove()
+        if self.owns_cluster:
+            ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args, overrides = parse_args(argv)
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"segr1.run: {exc}", file=sys.stderr)
+        return 2
+    if args.resume:
+        config.trainer.resume = True
+    train(config)
+    return 0
+
+
+def train(config: Config) -> dict[str, float]:
+    """Run the job described by ``config``; returns the last step's metrics."""
+    from segr1.job import build_job
+
+    job = build_job(config, Path(config.trainer.output_dir))
+    try:
+        if config.trainer.resume and not job.trainer.resume():
+            log.info("no checkpoint under %s yet: starting from step 0", out_dir / "checkpoints")
+        return job.trainer.fit()
+    finally:
+        job.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

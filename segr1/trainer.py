@@ -1,0 +1,267 @@
+"""The GRPO loop: generate and score groups, compute advantages, train, push weights, repeat.
+
+Sync mode does the four stages one after the other. Async mode (one-step off-policy) submits the
+next step's prompts before the learner trains, so rollouts run on the previous weights while the
+learner works; groups older than ``trainer.max_staleness`` weight versions are dropped and counted,
+and the loss corrects for the rest with the behaviour log-probs the rollouts returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segr1.config import Config
+from segr1.draw import png_to_mask
+from segr1.grpo import group_advantages, zero_variance_groups
+from segr1.monitor import Monitor, SampleView
+from segr1.parser import parse_completion
+from segr1.pipeline import Pipeline, ScoredPrompt
+from segr1.prompt_source import IssuedPrompt, PromptSource
+from segr1.schema import train_samples
+
+log = logging.getLogger("segr1")
+
+
+@dataclass
+class Batch:
+    """One step's kept groups and what was thrown away on the way."""
+
+    groups: list[ScoredPrompt]
+    dropped_stale: int = 0
+    dropped_zero_variance: int = 0
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: Config,
+        pipeline: Pipeline,
+        learner: Any,  # LearnerGroup
+        weights: Any,  # WeightSync: pushes the learner's weights to every rollout actor
+        source: PromptSource,
+        eval_prompts: list[IssuedPrompt],
+        monitor: Monitor,
+        checkpoints: Path,
+        fetch: Any,  # ray.get in a job: reads an image or mask ref for sample pictures
+    ) -> None:
+        self.cfg = config
+        self.pipeline = pipeline
+        self.learner = learner
+        self.weights = weights
+        self.source = source
+        self.eval_prompts = eval_prompts
+        self.monitor = monitor
+        self.checkpoints = checkpoints
+        self.fetch = fetch
+        self.step = 0
+        self.version = 0
+        self._ready: list[ScoredPrompt] = []
+        self._stop = False
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        self._install_stop_handlers()
+        trainer = self.cfg.trainer
+        last: dict[str, float] = {}
+        if trainer.mode == "async":
+            self._submit(self.step)
+        while self.step < trainer.steps and not self._stop:
+            last = self._train_one_step()
+            self.step += 1
+            if self._due(trainer.checkpoint_every):
+                self.save_checkpoint()
+            if self.eval_prompts and self._due(trainer.eval_every):
+                self.monitor.log_step(self.step, self.evaluate(), advance=False)
+        if self._stop:
+            log.info("stop requested: writing a final checkpoint at step %d", self.step)
+        if not self._due(trainer.checkpoint_every) or self._stop:
+            self.save_checkpoint()
+        return last
+
+    def _train_one_step(self) -> dict[str, float]:
+        trainer = self.cfg.trainer
+        started = time.monotonic()
+        if trainer.mode == "sync":
+            self._submit(self.step)
+        batch = self._collect_batch()
+        rollout_done = time.monotonic()
+        if trainer.mode == "async" and self.step + 1 < trainer.steps:
+            self._submit(self.step + 1)  # generated on the current weights while the learner trains
+        samples = self._train_samples(batch)
+        batch_metrics = self._batch_metrics(batch)  # before the push: staleness is against these weights
+        metrics = self._train_while_pumping(samples)
+        trained = time.monotonic()
+        self.version = self.weights.push(self.version + 1)
+        synced = time.monotonic()
+        metrics.update(batch_metrics)
+        metrics.update(
+            rollout_s=rollout_done - started,
+            train_s=trained - rollout_done,
+            sync_s=synced - trained,
+            step_s=synced - started,
+            samples_per_s=len(samples) / max(synced - started, 1e-9),
+            weight_version=self.version,
+        )
+        self.monitor.log_step(self.step + 1, metrics)
+        if self._due(trainer.sample_every, offset=1):
+            self._save_samples(batch)
+        return metrics
+
+    # ---- rollouts and scoring -----------------------------------------------------------------
+
+    def _submit(self, step: int) -> None:
+        trainer = self.cfg.trainer
+        want_masks = trainer.samples_to_save if self._due(trainer.sample_every, step=step + 1) else 0
+        self.pipeline.submit(self.source.next(trainer.prompts_per_step), self._sampling(step), want_masks)
+
+    def _sampling(self, step: int) -> Any:
+        return replace(self.pipeline.sampling, seed=self.cfg.trainer.seed * 1_000_003 + step)
+
+    def _collect_batch(self) -> Batch:
+        """The step's groups, dropping stale and (optionally) zero-variance ones and refilling."""
+        trainer, want = self.cfg.trainer, self.cfg.trainer.prompts_per_step
+        batch = Batch(groups=[])
+        refills = 0
+        while len(batch.groups) < want:
+            if not self._ready and not self.pipeline.pending:
+                if refills >= 4 * want:
+                    raise RuntimeError(
+                        f"step {self.step}: only {len(batch.groups)} usable groups after {refills} "
+                        f"refills ({batch.dropped_stale} stale, {batch.dropped_zero_variance} zero-variance)"
+                    )
+                missing = want - len(batch.groups)
+                self.pipeline.submit(self.source.next(missing), self._sampling(self.step))
+                refills += missing
+            self._ready.extend(self.pipeline.pump(timeout=0.5))
+            while self._ready and len(batch.groups) < want:
+                self._keep_or_drop(self._ready.pop(0), batch)
+        return batch
+
+    def _keep_or_drop(self, scored: ScoredPrompt, batch: Batch) -> None:
+        staleness = self.version - scored.group.rollout.weight_version
+        if staleness > self.cfg.trainer.max_staleness:
+            batch.dropped_stale += 1
+            return
+        rewards = torch.tensor([scored.group.rewards])
+        if self.cfg.grpo.filter_zero_variance and bool(zero_variance_groups(rewards)[0]):
+            batch.dropped_zero_variance += 1
+            return
+        batch.groups.append(scored)
+
+    def _train_samples(self, batch: Batch) -> list:
+        rewards = torch.tensor([g.group.rewards for g in batch.groups], dtype=torch.float64)
+        advantages = group_advantages(rewards, self.cfg.grpo.std_normalize, self.cfg.grpo.epsilon)
+        samples = []
+        for scored, adv in zip(batch.groups, advantages.tolist()):
+            samples.extend(train_samples(scored.group, adv))
+        return samples
+
+    def _train_while_pumping(self, samples: list) -> dict[str, float]:
+        """Train in a helper thread while this one keeps scoring the next step's rollouts."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(self.learner.train_step, samples)
+            while not future.done():
+                self._ready.extend(self.pipeline.pump(timeout=0.05))
+            return dict(future.result())
+
+    def _batch_metrics(self, batch: Batch) -> dict[str, float]:
+        scores = [s for g in batch.groups for s in g.group.scores]
+        parts: dict[str, list[float]] = {}
+        for score in scores:
+            for name, value in score.parts.items():
+                parts.setdefault(name, []).append(value)
+        rewards = np.array([[s.reward for s in g.group.scores] for g in batch.groups])
+        versions = [g.group.rollout.weight_version for g in batch.groups]
+        return {
+            "reward": float(rewards.mean()),
+            "reward_std_in_group": float(rewards.std(axis=1).mean()),
+            **{name: float(np.mean(values)) for name, values in parts.items()},
+            "has_prompt": float(np.mean([s.num_boxes + s.num_points > 0 for s in scores])),
+            "completion_tokens": float(np.mean([len(c.token_ids) for g in batch.groups for c in g.group.rollout.completions])),
+            "staleness": float(np.mean([self.version - v for v in versions])),
+            "dropped_stale": batch.dropped_stale,
+            "dropped_zero_variance": batch.dropped_zero_variance,
+            "zero_variance_groups": float(zero_variance_groups(torch.tensor(rewards)).sum()),
+        }
+
+    # ---- evaluation, samples, checkpoints -----------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward and IoU of greedy answers on the held-out prompts.
+
+        Eval groups share the pools with training rollouts that may be in flight (async mode), so
+        they are told apart by group id and training groups that finish meanwhile are kept.
+        """
+        eval_ids = {p.item.group_id for p in self.eval_prompts}
+        self.pipeline.submit(self.eval_prompts, replace(self.pipeline.sampling, n=1, temperature=0.0))
+        scores = []
+        while len(scores) < len(eval_ids):
+            for scored in self.pipeline.pump(timeout=0.5):
+                if scored.group.rollout.group_id in eval_ids:
+                    scores.append(scored.group.scores[0])
+                else:
+                    self._ready.append(scored)
+        return {
+            "eval_reward": float(np.mean([s.reward for s in scores])),
+            "eval_iou": float(np.mean([s.parts.get("iou", 0.0) for s in scores])),
+            "eval_has_prompt": float(np.mean([s.num_boxes + s.num_points > 0 for s in scores])),
+        }
+
+    def _save_samples(self, batch: Batch) -> None:
+        views = []
+        for scored in batch.groups:
+            best = max(range(len(scored.group.scores)), key=lambda i: scored.group.scores[i].reward)
+            score = scored.group.scores[best]
+            if score.mask_png is None:
+                continue
+            rollout = scored.group.rollout
+            text = rollout.completions[best].text
+            parsed = parse_completion(text, rollout.item.policy_size)
+            views.append(SampleView(
+                group_id=rollout.group_id, image=self.fetch(rollout.item.image), gt_mask=self.fetch(scored.mask),
+                pred_mask=png_to_mask(score.mask_png), boxes=parsed.boxes, points=parsed.points,
+                labels=parsed.labels, policy_size=rollout.item.policy_size, text=text, reward=score.reward,
+            ))
+        if views:
+            self.monitor.save_samples(self.step + 1, views)
+
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "weight_version": self.version, "data": self.source.state_dict()}
+        path = self.learner.save_checkpoint(self.checkpoints, state)
+        log.info("checkpoint at step %d: %s", self.step, path)
+        return path
+
+    def resume(self) -> bool:
+        """Restore step, data position, weight version and learner state from the latest checkpoint."""
+        state = self.learner.load_checkpoint(self.checkpoints)
+        if state is None:
+            return False
+        self.step = int(state["step"])
+        self.source.load_state_dict(state["data"])
+        self.version = self.weights.push(int(state["weight_version"]))
+        log.info("resumed at step %d, weight version %d", self.step, self.version)
+        return True
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _due(self, every: int, step: int | None = None, offset: int = 0) -> bool:
+        step = self.step + offset if step is None else step
+        return every > 0 and step > 0 and step % every == 0
+
+    def _install_stop_handlers(self) -> None:
+        def stop(signum: int, _frame: Any) -> None:
+            log.warning("signal %d: finishing this step, then checkpointing", signum)
+            self._stop = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)

@@ -1,0 +1,387 @@
+"""The DeepSpeed learner: input building, the rank plan, checkpoints, and real GRPO steps on CPU.
+
+The slow tests run real DeepSpeed engines in two Ray actors over gloo (ZeRO-2 and ZeRO-3) on the
+tiny Qwen2.5-VL in float32, and check numbers a user would: log-probs of positive-advantage
+samples rise, of negative ones fall; the KL against an identical reference is exactly 0; the
+reported loss and gradient norm equal a single-process computation over the whole batch; a
+frozen vision tower stays bit-identical; a resumed run's next step is bit-identical to an
+uninterrupted one; the weights broadcast to a receiver equal the exported ones; the exported
+directory loads in vLLM and its sampled-token log-probs equal the learner's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from learner import checkpoint as ckpt
+from learner.inputs import PromptCache, collate, completion_logits, plan_micro_batches, token_logprobs
+from learner.worker import LearnerSettings, deepspeed_config
+from segr1.grpo import LossSettings, grpo_loss
+from segr1.prompts import build_messages, render_prompt
+from segr1.schema import TrainSample
+
+TEXT_VOCAB = 1024  # the tiny tokenizer's BPE ids; special and vision tokens come after
+
+
+def _sample(group: str, n: int, advantage: float = 0.0, image=None, prompt: str = "p<|image_pad|>") -> TrainSample:
+    return TrainSample(group, prompt, image, list(range(5, 5 + n)), [0.0] * n, advantage, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure parts: the plan over ranks and micro-batches
+
+
+def test_plan_gives_every_rank_the_same_passes_and_shares_sum_to_one():
+    lengths = [9, 1, 4, 4, 7, 2, 3]
+    samples = [_sample(f"g{i // 3}", n) for i, n in enumerate(lengths)]
+    plans = plan_micro_batches(samples, num_ranks=2, micro_batch_size=2)
+    assert len(plans[0]) == len(plans[1])  # lockstep passes (ZeRO-3 gathers are collective)
+    real = [m for plan in plans for m in plan if not m.is_filler]
+    assert sorted(i for m in real for i in m.indices) == list(range(len(lengths)))
+    assert math.isclose(sum(m.share for m in real), 1.0)
+    for m in real:  # token_mean share = the micro-batch's completion tokens / all tokens
+        assert math.isclose(m.share, sum(lengths[i] for i in m.indices) / sum(lengths))
+    loads = [sum(len(s.completion_ids) for m in plan for s in m.samples if not m.is_filler) for plan in plans]
+    assert abs(loads[0] - loads[1]) <= max(lengths)
+
+
+def test_plan_pads_idle_ranks_with_fillers_and_seq_mean_counts_sequences():
+    samples = [_sample("g", 3), _sample("g", 0)]
+    plans = plan_micro_batches(samples, num_ranks=3, micro_batch_size=4, aggregation="seq_mean")
+    assert [len(p) for p in plans] == [1, 1, 1]
+    fillers = [m for p in plans for m in p if m.is_filler]
+    assert len(fillers) == 1 and fillers[0].share == 0.0
+    # seq_mean: the empty completion counts for nothing, the other for the whole batch
+    shares = {tuple(m.indices): m.share for p in plans for m in p if not m.is_filler}
+    assert shares == {(0,): 1.0, (1,): 0.0}
+
+
+def test_plan_rejects_bad_batches():
+    with pytest.raises(ValueError, match="empty"):
+        plan_micro_batches([], 2, 2)
+    bad = TrainSample("g7", "p", None, [1, 2, 3], [0.0], 1.0, 0)
+    with pytest.raises(ValueError, match="group g7: 3 completion tokens but 1 behavior"):
+        plan_micro_batches([bad], 1, 1)
+    with pytest.raises(ValueError, match="aggregation"):
+        plan_micro_batches([_sample("g", 2)], 1, 1, aggregation="sum")
+
+
+def test_settings_and_deepspeed_config(tmp_path):
+    with pytest.raises(ValueError, match="zero_stage"):
+        LearnerSettings(model_path="m", zero_stage=4)
+    with pytest.raises(TypeError, match="loss must be a segr1.grpo.LossSettings"):
+        LearnerSettings(model_path="m", loss={"kl_coef": 0.04})
+    with pytest.raises(ValueError, match="deepspeed_config .* is not a file"):
+        LearnerSettings(model_path="m", deepspeed_config=str(tmp_path / "missing.json"))
+    override = tmp_path / "ds.json"
+    override.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}))
+    settings = LearnerSettings(model_path="m", zero_stage=3, micro_batch_size=2, deepspeed_config=str(override))
+    config = deepspeed_config(settings, world_size=4, bf16=True)
+    assert config["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}
+    assert config["gradient_clipping"] == 0.5 and config["train_batch_size"] == 8
+    assert config["bf16"] == {"enabled": True}
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(ValueError, match="list.json: must hold a JSON object"):
+        deepspeed_config(LearnerSettings(model_path="m", deepspeed_config=str(tmp_path / "list.json")), 1, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+def test_checkpoint_publish_resolve_and_replace(tmp_path):
+    def fake_step(name: str, marker: str) -> Path:
+        tmp = tmp_path / f"{name}{ckpt.TMP_SUFFIX}"
+        (tmp / ckpt.DEEPSPEED_TAG).mkdir(parents=True)
+        (tmp / ckpt.DEEPSPEED_TAG / "marker").write_text(marker)
+        ckpt.write_client_state(tmp, {"step": marker})
+        return tmp
+
+    with pytest.raises(ckpt.CheckpointError, match="not a complete segr1 checkpoint"):
+        ckpt.resolve(tmp_path)
+    ckpt.publish(fake_step("step_1", "a"), tmp_path, "step_1")
+    ckpt.publish(fake_step("step_2", "b"), tmp_path, "step_2")
+    assert (tmp_path / ckpt.LATEST).read_text().strip() == "step_2"
+    assert ckpt.resolve(tmp_path) == tmp_path / "step_2"
+    assert ckpt.resolve(tmp_path / "step_1") == tmp_path / "step_1"
+    ckpt.publish(fake_step("step_1", "c"), tmp_path, "step_1")  # saving a step again replaces it
+    assert ckpt.read_client_state(tmp_path / "step_1") == {"step": "c"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.LATEST, "step_1", "step_2"]
+    (tmp_path / ckpt.LATEST).write_text("../elsewhere")
+    with pytest.raises(ckpt.CheckpointError, match="does not name a step directory"):
+        ckpt.resolve(tmp_path)
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        ckpt.write_client_state(tmp_path, {"bad": object()})
+
+
+def test_rng_state_round_trips_through_json(tmp_path):
+    import random
+
+    ckpt.save_rng(tmp_path, rank=1)
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)
+    ckpt.load_rng(tmp_path, rank=1)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs on the real tiny model (transformers only)
+
+
+@pytest.fixture(scope="module")
+def tiny_processor(tiny_qwen_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_qwen_dir)
+
+
+def _batch_samples(processor, rng: np.random.Generator, images, lengths, advantages) -> list[TrainSample]:
+    """Two groups (one per image) with the given completion lengths and advantages."""
+    prompts = [render_prompt(processor, build_messages("cod")), render_prompt(processor, build_messages("sod"))]
+    per_group = len(lengths) // len(images)
+    samples = []
+    for i, (n, adv) in enumerate(zip(lengths, advantages)):
+        g = i // per_group
+        ids = rng.integers(0, TEXT_VOCAB, n).tolist()
+        samples.append(TrainSample(f"group-{g}", prompts[g], images[g], ids, [0.0] * n, adv, 0))
+    return samples
+
+
+def test_padded_batch_log_probs_equal_one_sample_forwards(tiny_qwen_dir, tiny_processor):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen_dir, dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), rng.integers(0, 256, (140, 84, 3), dtype=np.uint8)]
+    samples = _batch_samples(tiny_processor, rng, images, [5, 1, 8, 3, 6, 2], [1.0] * 6)
+    cache = PromptCache(tiny_processor)
+    prompts = [cache.get(s) for s in samples]
+    assert cache.misses == 2  # one processing per group, shared by its samples
+    batch = collate(samples, prompts, tiny_processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        batched = token_logprobs(completion_logits(model, batch), batch.completion_ids)
+        for row, (sample, prompt) in enumerate(zip(samples, prompts)):
+            ids = torch.cat([prompt.input_ids, torch.tensor(sample.completion_ids)])[None]
+            types = torch.cat([prompt.mm_token_type_ids, torch.zeros(len(sample.completion_ids), dtype=torch.long)])
+            logits = model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types[None],
+                pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
+            ).logits[0, len(prompt.input_ids) - 1 : -1]
+            alone = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt.input_ids) :, None])[:, 0]
+            n = len(sample.completion_ids)
+            assert torch.allclose(batched[row, :n], alone, atol=1e-5), row
+            assert batch.completion_mask[row].sum() == n
+
+
+def test_prompt_cache_names_the_group_of_a_bad_image(tiny_processor):
+    cache = PromptCache(tiny_processor)
+    bad = TrainSample("group-x", "p <|image_pad|>", np.zeros((8, 8, 3), np.float32), [1], [0.0], 0.0, 0)
+    with pytest.raises(ValueError, match="group group-x: image must be a uint8 HxWx3 RGB array"):
+        cache.get(bad)
+    two = TrainSample("group-y", "<|image_pad|><|image_pad|>", np.zeros((56, 56, 3), np.uint8), [1], [0.0], 0.0, 0)
+    with pytest.raises(ValueError, match="group group-y: prompt must hold exactly one"):
+        cache.get(two)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real DeepSpeed ranks in Ray actors
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+LENGTHS = [6, 3, 9, 4, 7, 2]  # two groups of three; one rank gets more tokens than the other
+ADVANTAGES = [1.2, -0.4, -0.8, -1.0, 0.3, 0.7]
+
+
+@pytest.fixture(scope="module")
+def grpo_batch(tiny_processor, ray_local):
+    """Samples whose images are ObjectRefs, as the driver sends them."""
+    rng = np.random.default_rng(1)
+    images = [ray_local.put(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)) for _ in range(2)]
+    return _batch_samples(tiny_processor, rng, images, LENGTHS, ADVANTAGES)
+
+
+def _with_behavior(samples: list[TrainSample], logprobs: list[list[float]]) -> list[TrainSample]:
+    return [
+        TrainSample(s.group_id, s.prompt, s.image, s.completion_ids, lp, s.advantage, s.weight_version)
+        for s, lp in zip(samples, logprobs)
+    ]
+
+
+def _settings(model: Path, zero_stage: int, name: str, freeze_vision: bool = False) -> LearnerSettings:
+    return LearnerSettings(
+        model_path=str(model), num_workers=2, num_gpus_per_worker=0, num_cpus_per_worker=1,
+        zero_stage=zero_stage, bf16=False, lr=2e-3, warmup_steps=3, grad_clip=1.0, micro_batch_size=2,
+        loss=LossSettings(kl_coef=0.04), seed=0, name_prefix=name, gradient_checkpointing=True,
+        freeze_vision=freeze_vision,
+    )
+
+
+def _reference_grad_norm(
+    model_dir: Path, processor, samples: list[TrainSample], settings: LearnerSettings
+) -> tuple[float, float]:
+    """Loss and gradient norm of the whole batch in one process, without DeepSpeed."""
+    import ray
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    model.model.visual.requires_grad_(not settings.freeze_vision)
+    local = [TrainSample(s.group_id, s.prompt, ray.get(s.image), s.completion_ids, s.behavior_logprobs,
+                         s.advantage, 0) for s in samples]
+    cache = PromptCache(processor)
+    batch = collate(local, [cache.get(s) for s in local], processor.tokenizer.pad_token_id)
+    logp = token_logprobs(completion_logits(model, batch), batch.completion_ids)
+    loss, _ = grpo_loss(
+        logp, batch.behavior_logprobs, logp.detach(), batch.advantages, batch.completion_mask, settings.loss
+    )
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    return float(loss.detach()), float(norm)
+
+
+def _check_grpo_step(group, samples, tiny_qwen_dir, tiny_processor) -> list[TrainSample]:
+    """One step: direction, exact KL 0, loss and grad norm of the whole batch. Returns the batch."""
+    before = group.compute_logprobs(samples)
+    assert [len(lp) for lp in before] == LENGTHS
+    batch = _with_behavior(samples, before)
+    loss_ref, norm_ref = _reference_grad_norm(tiny_qwen_dir, tiny_processor, batch, group.settings)
+    digest, vision = group.weights_digest(), group.weights_digest("model.visual.")
+    metrics = group.train_step(batch)
+    assert group.weights_digest() != digest
+    assert (group.weights_digest("model.visual.") == vision) == group.settings.freeze_vision
+    # On-policy against an identical reference: ratio 1, nothing clipped, KL exactly 0.
+    assert metrics["kl"] == 0.0
+    assert metrics["clip_frac"] == 0.0 and abs(metrics["ratio_mean"] - 1.0) < 1e-6
+    # The ranks' share-weighted pieces add up to the loss of the whole batch, and so does the gradient.
+    expected = -sum(a * n for a, n in zip(ADVANTAGES, LENGTHS)) / sum(LENGTHS)
+    assert metrics["loss"] == pytest.approx(expected, abs=1e-5) and loss_ref == pytest.approx(expected, abs=1e-5)
+    assert metrics["grad_norm"] == pytest.approx(norm_ref, rel=1e-4)
+    assert metrics["tokens"] > sum(LENGTHS) and metrics["tokens_per_s"] > 0 and metrics["entropy"] > 0
+    after = group.compute_logprobs(samples)
+    for adv, lp0, lp1 in zip(ADVANTAGES, before, after):
+        change = float(np.mean(lp1) - np.mean(lp0))
+        assert change > 1e-3 if adv > 0 else change < -1e-3, (adv, change)
+    return _with_behavior(samples, after)
+
+
+@pytest.mark.slow
+def test_zero2_grpo_step_moves_log_probs_and_resumes_exactly(
+    ray_local, tiny_qwen_dir, tiny_processor, grpo_batch, tmp_path
+):
+    from learner.group import LearnerGroup
+
+    group = LearnerGroup(_settings(tiny_qwen_dir, 2, "test-zero2", freeze_vision=True))
+    try:
+        next_batch = _check_grpo_step(group, grpo_batch, tiny_qwen_dir, tiny_processor)
+        path = group.save_checkpoint(tmp_path, {"step": 1, "data": {"position": 6}})
+        assert path == tmp_path / "step_1" and (tmp_path / "latest").read_text().strip() == "step_1"
+        uninterrupted = group.train_step(next_batch)
+        digest = group.weights_digest()
+        state = group.load_checkpoint(tmp_path)  # back to step 1 in the same ranks: optimizer too
+        assert state == {"step": 1, "data": {"position": 6}, "weight_version": 0}
+        resumed = group.train_step(next_batch)
+        assert group.weights_digest() == digest
+        assert resumed["loss"] == uninterrupted["loss"] and resumed["lr"] == uninterrupted["lr"]
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.slow
+def test_zero3_resume_in_new_ranks_and_export_matches_vllm(
+    ray_local, tiny_qwen_dir, tiny_processor, grpo_batch, tmp_path
+):
+    from learner.group import LearnerGroup
+
+    settings = _settings(tiny_qwen_dir, 3, "test-zero3")
+    group = LearnerGroup(settings)
+    try:
+        next_batch = _check_grpo_step(group, grpo_batch, tiny_qwen_dir, tiny_processor)
+        group.save_checkpoint(tmp_path / "ckpt", {"step": 1})
+        uninterrupted = group.train_step(next_batch)
+        digest = group.weights_digest()
+    finally:
+        group.shutdown()
+
+    group = LearnerGroup(settings)  # a fresh job resuming from the checkpoint
+    try:
+        assert group.load_checkpoint(tmp_path / "ckpt")["step"] == 1
+        resumed = group.train_step(next_batch)
+        assert group.weights_digest() == digest
+        assert resumed["loss"] == uninterrupted["loss"] and resumed["grad_norm"] == uninterrupted["grad_norm"]
+        exported = group.export_hf(tmp_path / "export")
+        _check_weight_sync_sends_the_exported_weights(group, exported)
+        _check_vllm_matches_learner(exported, group, grpo_batch)
+    finally:
+        group.shutdown()
+
+
+def _check_weight_sync_sends_the_exported_weights(group, model_dir: Path) -> None:
+    """This process joins the weight group as a receiver; both ZeRO-3 ranks gather while rank 0 sends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoModelForImageTextToText
+
+    from segr1.weight_sync import BucketPlan, join_group, receive_buckets
+
+    host, port = group.weight_sync_address()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        joined = pool.submit(group.init_weight_sync, host, port, 2)  # blocks until we join too
+        receiver = join_group(host, port, 1, 2, "gloo", timeout_s=300)
+        plan = BucketPlan.from_json(joined.result(timeout=300))
+        sent = pool.submit(group.broadcast_weights, 1)
+        received = {name: tensor.clone() for name, tensor in receive_buckets(receiver, plan, 1)}
+        assert sent.result(timeout=300) == plan.total_bytes
+    assert group.weight_version == 1
+    with pytest.raises(ValueError, match="must not go back"):
+        group.broadcast_weights(0)
+    expected = dict(AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).named_parameters())
+    assert received.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(received[name], tensor.detach()), name
+
+
+def _check_vllm_matches_learner(model_dir: Path, group, samples: list[TrainSample]) -> None:
+    """vLLM samples from the exported directory; the learner scores the same tokens."""
+    import ray
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
+    llm = LLM(
+        model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=1024,
+        limit_mm_per_prompt={"image": 1, "video": 0}, kv_cache_memory_bytes=128 << 20, seed=0,
+    )
+    try:
+        firsts = [samples[0], samples[3]]  # one per group
+        params = SamplingParams(n=2, max_tokens=6, logprobs=0, seed=0, allowed_token_ids=list(range(TEXT_VOCAB)))
+        outputs = llm.generate(
+            [{"prompt": s.prompt, "multi_modal_data": {"image": Image.fromarray(ray.get(s.image))}} for s in firsts],
+            params,
+        )
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    sampled = []
+    for sample, output in zip(firsts, outputs):
+        for completion in output.outputs:
+            ids = list(completion.token_ids)
+            logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
+            sampled.append(TrainSample(sample.group_id, sample.prompt, sample.image, ids, logprobs, 0.0, 1))
+    learner = group.compute_logprobs(sampled)
+    for sample, ours in zip(sampled, learner):
+        assert np.allclose(ours, sample.behavior_logprobs, atol=1e-4), (ours, sample.behavior_logprobs)

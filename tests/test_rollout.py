@@ -1,0 +1,372 @@
+"""Rollout actors on a real vLLM engine (tiny Qwen2.5-VL, float32, CPU) and real weight sync.
+
+The policy's reference log-probs come from the Hugging Face model through the learner's own
+input path (``learner.inputs``), so a pass here also means rollout and learner agree on prompt
+tokens, image processing and log-probs. Weights travel over the real gloo group, from a
+``WeightSender`` in this process (the learner's rank 0) to the engines.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from actors.rollout import RolloutActor, RolloutSettings, SamplingSettings
+from learner.inputs import collate, completion_logits, process_prompt, token_logprobs
+from learner.weight_sender import WeightSender, weight_meta
+from segr1.prompts import build_messages, render_prompt
+from segr1.schema import PromptItem, RolloutGroup, TrainSample
+from segr1.weight_sync import WeightSyncError
+
+pytestmark = pytest.mark.slow
+
+MATCH_TOL = 1e-4  # float32 engine vs float32 HF: measured ~1e-6
+CONTROL_MIN = 0.1  # weights that were not pushed must be visibly different, not within noise
+
+
+def settings_for(model_dir: Path) -> RolloutSettings:
+    return RolloutSettings(
+        model=str(model_dir), dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 << 20,
+        enforce_eager=True, seed=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_qwen_dir: Path) -> dict[str, Any]:
+    """The HF copy of the policy (the learner's side) and its processor."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_qwen_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen_dir, dtype=torch.float32).eval()
+    return {"model": model, "processor": processor}
+
+
+@pytest.fixture(scope="module")
+def items(policy: dict[str, Any]) -> list[PromptItem]:
+    prompt = render_prompt(policy["processor"], build_messages("cod"))
+    rng = np.random.default_rng(0)
+    return [
+        PromptItem(f"g{i}", f"r{i}", prompt, rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), (112, 112))
+        for i in range(3)
+    ]
+
+
+@pytest.fixture(scope="module")
+def actor(tiny_qwen_dir: Path) -> Iterator[RolloutActor]:
+    actor = RolloutActor(settings_for(tiny_qwen_dir), name="local")
+    yield actor
+    actor.shutdown()
+
+
+def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def hf_logprobs(policy: dict[str, Any], group: RolloutGroup) -> list[torch.Tensor]:
+    """The HF policy's log-probs of each completion's tokens, via the learner's input path."""
+    processor = policy["processor"]
+    item = group.item
+    prompt = process_prompt(processor, item.prompt, item.image, item.group_id)
+    assert prompt.input_ids.tolist() == group.prompt_token_ids  # same tokens, same image placeholders
+    samples = [
+        TrainSample(item.group_id, item.prompt, item.image, c.token_ids, c.logprobs, 0.0, group.weight_version)
+        for c in group.completions
+    ]
+    batch = collate(samples, [prompt] * len(samples), processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        lp = token_logprobs(completion_logits(policy["model"], batch), batch.completion_ids)
+    return [lp[i, : len(c.token_ids)] for i, c in enumerate(group.completions)]
+
+
+def max_logprob_gap(policy: dict[str, Any], groups: list[RolloutGroup]) -> float:
+    gaps = [
+        (ref - torch.tensor(c.logprobs)).abs().max().item()
+        for g in groups
+        for ref, c in zip(hf_logprobs(policy, g), g.completions)
+    ]
+    return max(gaps)
+
+
+def push(sender: WeightSender, model: torch.nn.Module, version: int, receive: Callable[[dict], Any],
+         planned: list[tuple[str, torch.Tensor]] | None = None,
+         streamed: list[tuple[str, torch.Tensor]] | None = None) -> Any:
+    """One sync: the sender streams in a thread while ``receive(plan)`` runs the receiving side.
+
+    By default the model's parameters are both planned and streamed; ``planned``/``streamed``
+    replace either, to break the sync on purpose.
+    """
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    planned = planned if planned is not None else named
+    streamed = streamed if streamed is not None else planned
+    plan = sender.plan(weight_meta(planned))
+    outcome: dict[str, Any] = {}
+
+    def send() -> None:
+        try:
+            outcome["sent"] = sender.send(iter(streamed), version)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    try:
+        return receive(plan.to_json())
+    finally:
+        thread.join(120)
+        assert not thread.is_alive(), "the sender is still blocked"
+        if "error" in outcome:
+            raise outcome["error"]
+
+
+def form_group(sender: WeightSender, world_size: int, join: Callable[[str, int], Any]) -> Any:
+    host, port = sender.address()
+    thread = threading.Thread(target=sender.join, args=(world_size,), daemon=True)
+    thread.start()
+    try:
+        return join(host, port)
+    finally:
+        thread.join(120)
+        assert not thread.is_alive(), "the sender never completed the join"
+
+
+# ---------------------------------------------------------------------------------------------
+# One engine in this process
+
+
+def test_generate_returns_one_group_of_g_completions_per_prompt(actor, items, policy):
+    sampling = SamplingSettings(n=3, temperature=1.0, max_tokens=16, seed=7)
+    groups = actor.generate(items[:2], sampling)
+    assert [g.group_id for g in groups] == ["g0", "g1"]
+    for group in groups:
+        assert group.weight_version == 0 and group.actor == "local"
+        assert len(group.completions) == 3
+        for c in group.completions:
+            assert 1 <= len(c.token_ids) <= 16 and len(c.logprobs) == len(c.token_ids)
+            assert all(np.isfinite(c.logprobs)) and max(c.logprobs) <= 0.0
+            assert c.finish_reason in ("stop", "length")
+            assert c.text == policy["processor"].tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        assert len({tuple(c.token_ids) for c in group.completions}) == 3  # G distinct samples
+    again = actor.generate(items[:2], sampling)
+    def tokens(gs: list[RolloutGroup]) -> list[list[list[int]]]:
+        return [[c.token_ids for c in g.completions] for g in gs]
+
+    assert tokens(again) == tokens(groups)
+    # a prompt's samples do not depend on which other prompts share its batch
+    alone = actor.generate(items[1:2], sampling)
+    assert [c.token_ids for c in alone[0].completions] == [c.token_ids for c in groups[1].completions]
+
+
+def test_vision_tokens_are_never_sampled(actor, items):
+    from PIL import Image
+    from vllm import SamplingParams
+
+    vision = set(actor.vision_token_ids())
+    assert len(vision) == 5  # <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> <|video_pad|>
+    sampling = SamplingSettings(n=8, temperature=1.0, max_tokens=128, seed=3)
+    groups = actor.generate(items[:1], sampling)
+    sampled = [t for c in groups[0].completions for t in c.token_ids]
+    assert len(sampled) > 500 and not vision & set(sampled)
+    # control: the same engine and prompt without the mask does write vision tokens
+    prompt = {"prompt": items[0].prompt, "multi_modal_data": {"image": Image.fromarray(items[0].image)}}
+    out = actor.llm.generate([prompt], SamplingParams(n=8, temperature=1.0, max_tokens=128, seed=3), use_tqdm=False)
+    unmasked = [t for c in out[0].outputs for t in c.token_ids]
+    assert vision & set(unmasked)
+
+
+def test_bad_images_are_rejected_naming_the_record(actor, items):
+    wrong_size = PromptItem("gx", "rec-7", items[0].prompt, items[0].image, (224, 224))
+    with pytest.raises(ValueError, match="rec-7.*112x112"):
+        actor.generate([wrong_size], SamplingSettings(n=1, max_tokens=2))
+    gray = PromptItem("gy", "rec-8", items[0].prompt, items[0].image[..., 0], (112, 112))
+    with pytest.raises(ValueError, match="rec-8.*uint8 HxWx3"):
+        actor.generate([gray], SamplingSettings(n=1, max_tokens=2))
+
+
+@pytest.fixture(scope="module")
+def local_sender(actor) -> WeightSender:
+    sender = WeightSender(bucket_bytes=256 << 10)  # several buckets even for the tiny model
+    ranks = form_group(sender, 2, lambda host, port: actor.join_weight_group(host, port, 1, 2))
+    assert ranks == [1]
+    return sender
+
+
+def test_pushed_weights_reproduce_the_hf_policy_log_probs(actor, items, policy, local_sender):
+    model = policy["model"]
+    sampling = SamplingSettings(n=4, temperature=1.0, max_tokens=24, seed=11)
+    perturb(model, seed=1)
+    assert push(local_sender, model, 1, lambda plan: actor.receive_weights(plan, 1)) == 1
+    assert actor.weight_version() == 1
+    groups = actor.generate(items[:2], sampling)
+    assert all(g.weight_version == 1 for g in groups)
+    assert max_logprob_gap(policy, groups) < MATCH_TOL
+
+    # control: the learner moves on but the push is skipped -> the engine's log-probs are stale
+    perturb(model, seed=2)
+    assert max_logprob_gap(policy, groups) > CONTROL_MIN
+
+    # the next push brings the engine back in line, and the version advances
+    push(local_sender, model, 2, lambda plan: actor.receive_weights(plan, 2))
+    groups = actor.generate(items[:2], sampling)
+    assert actor.weight_version() == 2 and all(g.weight_version == 2 for g in groups)
+    assert max_logprob_gap(policy, groups) < MATCH_TOL
+
+
+def renamed(named: list[tuple[str, torch.Tensor]], index: int, name: str) -> list[tuple[str, torch.Tensor]]:
+    out = list(named)
+    out[index] = (name, out[index][1])
+    return out
+
+
+def test_a_failed_sync_blocks_sampling_until_a_full_sync(actor, items, policy, local_sender):
+    model = policy["model"]
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    middle = len(named) // 2
+
+    # the sender's stream stops matching the plan half way: every rank aborts the sync
+    version = actor.weight_version()
+    with pytest.raises(WeightSyncError, match="aborted"):
+        push(local_sender, model, version + 1, lambda plan: actor.receive_weights(plan, version + 1),
+             streamed=renamed(named, middle, "not.in.the.plan"))
+    assert actor.weight_version() == version  # a failed sync does not advance the version
+    with pytest.raises(RuntimeError, match="refuses to sample"):
+        actor.generate(items[:1], SamplingSettings(n=1, max_tokens=4))
+
+    # the wire is fine but vLLM's loader rejects a name: the sync is still fully received
+    with pytest.raises(ValueError, match="no module or parameter named 'bogus'"):
+        push(local_sender, model, version + 1, lambda plan: actor.receive_weights(plan, version + 1),
+             planned=renamed(named, middle, "bogus.weight"))
+    assert actor.weight_version() == version
+    with pytest.raises(RuntimeError, match="refuses to sample"):
+        actor.generate(items[:1], SamplingSettings(n=1, max_tokens=4))
+
+    # a full sync over the same group heals the engine
+    perturb(model, seed=3)
+    push(local_sender, model, version + 1, lambda plan: actor.receive_weights(plan, version + 1))
+    groups = actor.generate(items[:1], SamplingSettings(n=2, max_tokens=16, seed=5))
+    assert groups[0].weight_version == version + 1
+    assert max_logprob_gap(policy, groups) < MATCH_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# A pool of Ray actors
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster, tiny_qwen_dir: Path):
+    from actors.rollout import RolloutPool
+
+    pool = RolloutPool(settings_for(tiny_qwen_dir), 2, use_gpu=False, cpus_per_actor=1.0, max_restarts=2)
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool_sync(pool) -> dict[str, Any]:
+    """The sender for the pool's group, and the (version, address) the pool was last synced to."""
+    return {"sender": WeightSender(bucket_bytes=256 << 10), "version": 0, "address": None}
+
+
+def sync_pool(pool, state: dict[str, Any], model: torch.nn.Module, version: int) -> None:
+    """What the driver does: re-form the group when an actor is out of it, then push."""
+    import ray
+
+    sender = state["sender"]
+    if state["address"] is None or pool.out_of_sync(state["version"], state["address"]):
+        address = sender.address()
+        ranks = form_group(sender, pool.world_size, lambda host, port: ray.get(pool.join_weight_group(host, port)))
+        assert sorted(r for rs in ranks for r in rs) == list(range(1, pool.world_size))
+        state["address"] = address
+    push(sender, model, version, lambda plan: ray.get(pool.receive_weights(plan, version)))
+    state["version"] = version
+
+
+def greedy(pool, item: PromptItem) -> list[RolloutGroup]:
+    """The same greedy prompt on every actor of the pool."""
+    import ray
+
+    sampling = SamplingSettings(n=1, temperature=0.0, max_tokens=24)
+    return [ray.get(a.generate.remote([item], sampling))[0] for a in pool.actors]
+
+
+def wait_restarted(actor, timeout_s: float = 300.0) -> int:
+    """The weight version of a killed actor once Ray has restarted it."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(actor.weight_version.remote(), timeout=timeout_s)
+        except RayActorError:  # the call reached the dying instance; the restart is on its way
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def test_two_actors_receive_identical_weights(pool, pool_sync, policy, items):
+    import ray
+
+    model = policy["model"]
+    perturb(model, seed=21)
+    # a rollout already queued on each actor finishes on the old weights before the load starts
+    queued = [a.generate.remote(items[:1], SamplingSettings(n=1, max_tokens=8, seed=1)) for a in pool.actors]
+    sync_pool(pool, pool_sync, model, 1)
+    assert [g[0].weight_version for g in ray.get(queued)] == [0, 0]
+    assert pool.weight_versions() == {"rollout-0": 1, "rollout-1": 1}
+    first, second = greedy(pool, items[0])
+    assert first.actor == "rollout-0" and second.actor == "rollout-1"
+    assert first.completions[0].token_ids == second.completions[0].token_ids
+    assert first.completions[0].logprobs == second.completions[0].logprobs
+    assert first.weight_version == second.weight_version == 1
+    assert max_logprob_gap(policy, [first, second]) < MATCH_TOL
+
+
+def test_pool_resubmits_the_prompts_of_a_killed_actor(pool, items):
+    import ray
+
+    sampling = SamplingSettings(n=2, max_tokens=32, seed=9)
+    batches = [[PromptItem(f"k{i}", f"k{i}", it.prompt, ray.put(it.image), it.policy_size)]
+               for i, it in enumerate(items * 2)]
+    tasks = [pool.submit(batch, sampling) for batch in batches]
+    victim = pool.actors[0]
+    on_victim = [t for t in tasks if t.actor_index == 0]
+    assert on_victim  # it holds work when it dies
+    killed_at = time.monotonic()
+    ray.kill(victim, no_restart=False)
+    pool.pool.wait_all()
+    assert [t.result[0].group_id for t in tasks] == [b[0].group_id for b in batches]
+    assert all(len(t.result[0].completions) == 2 for t in tasks)
+    assert any(t.started_at > killed_at for t in on_victim)  # its prompts were dispatched again
+    # Ray restarted it: a fresh engine at version 0, outside the weight group
+    assert wait_restarted(victim) == 0
+    assert ray.get(victim.weight_group.remote()) is None
+
+
+def test_a_restarted_actor_is_brought_up_to_date(pool, pool_sync, policy, items):
+    import ray
+
+    model = policy["model"]
+    if not pool.out_of_sync(pool_sync["version"], pool_sync["address"] or ("", 0)):
+        ray.kill(pool.actors[0], no_restart=False)  # running alone: make the late joiner here
+        assert wait_restarted(pool.actors[0]) == 0
+    assert "rollout-0" in pool.out_of_sync(pool_sync["version"], pool_sync["address"] or ("", 0))
+    old_address = pool_sync["address"]
+    perturb(model, seed=22)
+    version = pool_sync["version"] + 1
+    sync_pool(pool, pool_sync, model, version)
+    assert pool_sync["address"] != old_address  # a fresh rendezvous with every actor in it
+    assert pool.out_of_sync(version, pool_sync["address"]) == []
+    first, second = greedy(pool, items[1])
+    assert first.completions[0].token_ids == second.completions[0].token_ids
+    assert first.weight_version == second.weight_version == version
+    assert max_logprob_gap(policy, [first, second]) < MATCH_TOL

@@ -1,0 +1,135 @@
+"""The training job end to end on CPU: the tiny preset through real vLLM, SAM2, DeepSpeed and Ray.
+
+In-process tests build the job on the session's Ray cluster so they can look inside it (weights,
+pools); the last test submits ``python -m segr1.run`` with ``ray job submit`` to a private head node,
+stops it, and resumes it, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray_head import REPO, start_ray_head
+
+from actors.rollout import SamplingSettings
+from segr1.config import load_config
+from segr1.job import build_job
+from segr1.schema import TrainSample
+
+pytestmark = pytest.mark.slow
+
+# Entropy regularisation gives every step a non-zero gradient even though a random tiny policy
+# never earns a reward: that is what makes "the engines hold the learner's weights" a real check.
+MOVING = ["--grpo.entropy_coef", "0.5", "--learner.lr", "1e-3"]
+
+
+def tiny_config(out_dir: Path, *overrides: str):
+    return load_config("tiny", ["--trainer.output_dir", str(out_dir), "--trainer.eval_every", "0", *overrides])
+
+
+def metric_lines(out_dir: Path) -> list[dict]:
+    path = out_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_sync_job_trains_and_engines_hold_the_learners_weights(ray_cluster, tmp_path):
+    config = tiny_config(tmp_path, "--trainer.steps", "2", "--trainer.eval_every", "2", *MOVING)
+    job = build_job(config, tmp_path)
+    try:
+        digest_before = job.learner.weights_digest()
+        job.trainer.fit()
+        assert job.learner.weights_digest() != digest_before
+
+        prompt = job.trainer.source.next(1)[0].item
+        (group,) = job.rollout.generate([prompt], SamplingSettings(n=2, max_tokens=16, seed=7))
+        assert group.weight_version == 2
+        samples = [
+            TrainSample(group.group_id, prompt.prompt, prompt.image, c.token_ids, c.logprobs, 0.0, 2)
+            for c in group.completions
+        ]
+        learner_logprobs = job.learner.compute_logprobs(samples)
+        for completion, theirs in zip(group.completions, learner_logprobs):
+            assert max(abs(a - b) for a, b in zip(completion.logprobs, theirs)) < 1e-4
+    finally:
+        job.shutdown()
+
+    lines = metric_lines(tmp_path)
+    train = [line for line in lines if "reward" in line]
+    assert [line["step"] for line in train] == [1, 2]
+    assert [line["weight_version"] for line in train] == [1, 2]
+    assert all(line["staleness"] == 0 for line in train)
+    assert all(line["entropy"] > 0 and line["grad_norm"] > 0 for line in train)
+    assert any("eval_reward" in line for line in lines)
+    assert (tmp_path / "checkpoints" / "step_2").is_dir()
+    assert (tmp_path / "config.yaml").is_file()
+    assert sorted(p.name for p in (tmp_path / "samples" / "step_000002").iterdir()) == ["0.png", "1.png", "samples.json"]
+
+
+def test_async_job_survives_a_killed_reward_actor(ray_cluster, tmp_path):
+    config = tiny_config(tmp_path, "--trainer.mode", "async", "--trainer.steps", "3")
+    job = build_job(config, tmp_path)
+    reward_actor = ray.get_actor("reward-0")
+    pid_before = ray.get(reward_actor.info.remote())["pid"]
+
+    def kill_after_first_step() -> None:
+        deadline = time.monotonic() + 600
+        while not metric_lines(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ray.kill(reward_actor, no_restart=False)
+
+    killer = threading.Thread(target=kill_after_first_step, daemon=True)
+    killer.start()
+    try:
+        job.trainer.fit()
+        killer.join(timeout=5)
+        pid_after = ray.get(reward_actor.info.remote())["pid"]
+    finally:
+        job.shutdown()
+    train = [line for line in metric_lines(tmp_path) if "reward" in line]
+    assert [line["step"] for line in train] == [1, 2, 3]
+    assert all(line["staleness"] <= 1 for line in train)
+    assert train[-1]["weight_version"] == 3
+    assert pid_after != pid_before  # the run went on with a restarted reward actor
+
+
+@pytest.fixture(scope="module")
+def head():
+    started = start_ray_head(num_cpus=4)
+    yield started
+    started.stop()
+
+
+def test_ray_job_submit_stop_and_resume(head, tmp_path):
+    out = tmp_path / "run"
+    args = ["--trainer.output_dir", str(out), "--trainer.steps", "40", "--trainer.checkpoint_every", "100",
+            "--trainer.eval_every", "0"]
+    job_id = "segr1-run-test"
+    submitted = head.job_cli(["submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(REPO),
+                              "--", "python", "-m", "segr1.run", *args])
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    deadline = time.monotonic() + 480
+    while len(metric_lines(out)) < 2:
+        status = head.job_cli(["status", job_id]).stdout
+        assert "FAILED" not in status, head.job_cli(["logs", job_id]).stdout[-4000:]
+        assert time.monotonic() < deadline, "the job made no progress"
+        time.sleep(2)
+    assert head.job_cli(["stop", job_id]).returncode == 0
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "latest").exists():
+        assert time.monotonic() < deadline, "a stopped job wrote no final checkpoint"
+        time.sleep(1)
+    done = len(metric_lines(out))
+    assert 2 <= done < 40, done
+
+    resumed = head.submit(["python", "-m", "segr1.run", *args[:3], str(done + 1), *args[4:], "--resume"],
+                          working_dir=REPO, timeout_s=480)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert "resumed at step" in resumed.stdout + resumed.stderr
+    steps = [line["step"] for line in metric_lines(out) if "reward" in line]
+    assert steps[-1] == done + 1
+    assert steps.count(done + 1) == 1
