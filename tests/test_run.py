@@ -109,7 +109,8 @@ def test_ray_job_submit_stop_and_resume(head, tmp_path):
     args = ["--trainer.output_dir", str(out), "--trainer.steps", "40", "--trainer.checkpoint_every", "100",
             "--trainer.eval_every", "0"]
     job_id = "segr1-run-test"
-    submitted = head.job_cli(["submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(REPO),
+    runtime_env = str(REPO / "cluster" / "runtime_env.yaml")  # gives the driver time to checkpoint on stop
+    submitted = head.job_cli(["submit", "--no-wait", "--submission-id", job_id, "--runtime-env", runtime_env,
                               "--", "python", "-m", "segr1.run", *args])
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     deadline = time.monotonic() + 480
@@ -127,7 +128,7 @@ def test_ray_job_submit_stop_and_resume(head, tmp_path):
     assert 2 <= done < 40, done
 
     resumed = head.submit(["python", "-m", "segr1.run", *args[:3], str(done + 1), *args[4:], "--resume"],
-                          working_dir=REPO, timeout_s=480)
+                          runtime_env=REPO / "cluster" / "runtime_env.yaml", timeout_s=480)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert "resumed at step" in resumed.stdout + resumed.stderr
     steps = [line["step"] for line in metric_lines(out) if "reward" in line]

@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from actors.pool import ActorPool
 from actors.reward import RewardSettings, make_reward_pool
-from actors.rollout import RolloutActor, RolloutSettings, SamplingSettings
+from actors.rollout import RolloutPool, RolloutSettings, SamplingSettings
 from segr1.data.records import decode_mask
 from segr1.evaluation.datasets import Example, Sample
 from segr1.evaluation.scoring import Prediction, policy_image
@@ -68,32 +67,25 @@ class RunnerSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def start_rollout_pool(settings: RunnerSettings) -> ActorPool:
-    """``rollout_actors`` restartable vLLM actors; each takes ``rollout_gpus`` GPUs when the
-    cluster has GPUs, else ``rollout_cpus`` CPUs."""
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+def start_rollout_pool(settings: RunnerSettings) -> RolloutPool:
+    """``rollout_actors`` restartable vLLM actors behind the rollout role's own pool; each takes
+    ``rollout_gpus`` GPUs (its tensor-parallel size) when the cluster has GPUs."""
     engine = RolloutSettings(
         model=settings.policy,
         dtype=settings.dtype,
+        tensor_parallel_size=max(1, int(settings.rollout_gpus)) if ray.cluster_resources().get("GPU", 0) else 1,
         max_model_len=settings.max_model_len,
         kv_cache_memory_bytes=settings.kv_cache_memory_bytes,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         seed=settings.seed,
     )
-    remote_cls = ray.remote(RolloutActor)
-    actors, names = [], []
-    for i in range(settings.rollout_actors):
-        name = f"eval-rollout-{i}"
-        actors.append(
-            remote_cls.options(
-                num_cpus=settings.rollout_cpus,
-                num_gpus=settings.rollout_gpus if use_gpu else 0,
-                max_restarts=3,
-                max_task_retries=0,  # the pool retries, on another actor while this one restarts
-            ).remote(engine, name)
-        )
-        names.append(name)
-    return ActorPool(actors, names, max_in_flight_per_actor=settings.max_in_flight_per_actor)
+    return RolloutPool(
+        engine,
+        settings.rollout_actors,
+        cpus_per_actor=settings.rollout_cpus,
+        max_in_flight_per_actor=settings.max_in_flight_per_actor,
+        name_prefix="eval-rollout",
+    )
 
 
 @dataclass
@@ -112,7 +104,8 @@ class RayPredictor:
 
         self.settings = settings
         self.processor = AutoProcessor.from_pretrained(settings.policy)
-        self.rollout = start_rollout_pool(settings)
+        self.rollout_pool = start_rollout_pool(settings)
+        self.rollout = self.rollout_pool.pool
         reward = RewardSettings(
             backend="sam2",
             sam2_config=settings.sam2_config,
@@ -133,8 +126,7 @@ class RayPredictor:
         self._issued = 0
 
     def shutdown(self) -> None:
-        for actor in self.rollout.actors:
-            ray.kill(actor, no_restart=True)
+        self.rollout_pool.shutdown()
         self.reward.shutdown()
 
     def _prompt(self, task: str, expression: str | None) -> str:
