@@ -4,8 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+# The venv's python, not `uv run`: under `uv run` Ray ships the current directory (the 6.5 GB
+# .venv included) to every worker as its working_dir, which fills the disk.
+export RAY_ENABLE_UV_RUN_RUNTIME_ENV=0
 set +e
-uv run --locked --extra "${SEGR1_EXTRA:-cpu}" pytest "$@"
+.venv/bin/python -m pytest "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
