@@ -83,8 +83,8 @@ class Trainer:
             if self.eval_prompts and self._due(trainer.eval_every):
                 self.monitor.log_step(self.step, self.evaluate(), advance=False)
         if self._stop:
-            log.info("stop requested: writing a final checkpoint at step %d", self.step)
-        if not self._due(trainer.checkpoint_every) or self._stop:
+            log.info("stop requested at step %d", self.step)
+        if not self._due(trainer.checkpoint_every):  # else this step's checkpoint is already written
             self.save_checkpoint()
         return last
 
