@@ -45,6 +45,8 @@ class RewardSettings:
 
     ``num_gpus`` is what each actor asks Ray for when the cluster has GPUs (1.0 keeps SAM2 alone on a
     GPU; a fraction packs several actors on one). ``decode_chunk`` 0 means the device's default.
+    ``decode_pad_to`` > 0 pads every SAM2 prompt to that many tokens so a group decodes in one batch
+    (0: exact ``predict`` masks, batches of equal-length prompts; see ``segr1.sam2_segmenter``).
     ``bf16`` turns on bfloat16 autocast (CUDA with bf16 support, or CPU).
     """
 
@@ -57,6 +59,7 @@ class RewardSettings:
     num_cpus: float = 1.0
     bf16: bool = True
     decode_chunk: int = 0
+    decode_pad_to: int = 0
     weights: rewards.RewardWeights = field(default_factory=rewards.RewardWeights)
     limits: ParserLimits = field(default_factory=ParserLimits)
     return_masks: bool = False
@@ -70,6 +73,8 @@ class RewardSettings:
             raise ValueError(f"RewardSettings.num_cpus must be > 0, got {self.num_cpus}")
         if self.decode_chunk < 0:
             raise ValueError(f"RewardSettings.decode_chunk must be >= 0, got {self.decode_chunk}")
+        if self.decode_pad_to < 0:
+            raise ValueError(f"RewardSettings.decode_pad_to must be >= 0, got {self.decode_pad_to}")
 
 
 def make_segmenter(settings: RewardSettings, device: str) -> Segmenter:
@@ -92,6 +97,7 @@ def make_segmenter(settings: RewardSettings, device: str) -> Segmenter:
         device=device,
         autocast_bf16=settings.bf16,
         chunk_size=settings.decode_chunk,
+        pad_to=settings.decode_pad_to,
     )
 
 

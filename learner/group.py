@@ -1,4 +1,4 @@
-"""The learner group: L ``LearnerWorker`` Ray actors in their own placement group, one DeepSpeed job.
+"""The learner group: L ``LearnerWorker`` Ray actors in the learner's placement group, one DeepSpeed job.
 
 The driver talks to the group as if it were one learner. Each call splits the work with
 ``plan_micro_batches`` (balanced by tokens, equal numbers of passes per rank), sends every rank
@@ -23,6 +23,7 @@ from typing import Any
 from learner import checkpoint as ckpt
 from learner.inputs import MicroBatch, plan_micro_batches
 from learner.worker import LearnerSettings, LearnerWorker, read_deepspeed_overrides
+from segr1.ray_cluster import RolePlacement, RoleRequest, role_placement
 from segr1.schema import TrainSample
 
 # Metrics that are rank sums already weighted by micro-batch share (they add up to batch values).
@@ -32,10 +33,15 @@ _SHARE_WEIGHTED = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "dual_clip_f
 class LearnerGroup:
     """L learner ranks as Ray actors forming one torch.distributed group (NCCL on GPUs, gloo on CPU)."""
 
-    def __init__(self, settings: LearnerSettings, runtime_env: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        settings: LearnerSettings,
+        runtime_env: dict[str, Any] | None = None,
+        placement: RolePlacement | None = None,
+    ) -> None:
+        """``placement``: the learner's bundles from ``place_roles`` (the job's way, which the caller
+        removes); without one the group reserves its own PACK group and removes it on shutdown."""
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if not ray.is_initialized():
             raise RuntimeError("LearnerGroup needs a running Ray (call ray.init first)")
@@ -44,23 +50,18 @@ class LearnerGroup:
         self.settings = settings
         self.world_size = settings.num_workers
         gpus = float(settings.num_gpus_per_worker)
-        if gpus > 0 and ray.cluster_resources().get("GPU", 0) < gpus * self.world_size:
-            raise RuntimeError(
-                f"learner needs {gpus * self.world_size:g} GPUs ({self.world_size} x {gpus:g}) but the "
-                f"cluster has {ray.cluster_resources().get('GPU', 0):g}; set num_gpus_per_worker=0 for CPU"
-            )
-        bundle = {"CPU": float(settings.num_cpus_per_worker)}
-        if gpus > 0:
-            bundle["GPU"] = gpus
-        self._pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
-        ray.get(self._pg.ready())
+        request = RoleRequest("learner", self.world_size, float(settings.num_cpus_per_worker), gpus)
+        if placement is not None and placement.request != request:
+            raise ValueError(f"LearnerGroup: placement {placement.request} does not match the settings' {request}")
+        self._owned = placement is None
+        self._placement = placement or role_placement(request)
         actor_cls = ray.remote(LearnerWorker)
         self.workers = [
             actor_cls.options(
                 name=f"{settings.name_prefix}-{rank}",
                 num_cpus=settings.num_cpus_per_worker,
                 num_gpus=gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
+                scheduling_strategy=self._placement.scheduling_strategy(rank),
                 runtime_env=runtime_env,
             ).remote(settings, rank, self.world_size)
             for rank in range(self.world_size)
@@ -185,7 +186,6 @@ class LearnerGroup:
 
     def shutdown(self) -> None:
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         for worker in getattr(self, "workers", []):
             try:
@@ -193,9 +193,9 @@ class LearnerGroup:
             except Exception:  # already dead: nothing to release
                 pass
         self.workers = []
-        if getattr(self, "_pg", None) is not None:
-            remove_placement_group(self._pg)
-            self._pg = None
+        if getattr(self, "_owned", False) and self._placement is not None:
+            self._placement.remove()
+        self._placement = None
 
 
 def combine_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:

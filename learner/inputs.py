@@ -64,6 +64,19 @@ class ModelBatch:
         )
 
 
+def load_processor(model_path: str, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
+    """The policy's Hugging Face processor with the image-size bounds the rollout engines use.
+
+    vLLM gets the same bounds as ``mm_processor_kwargs``; with different ones an image would be
+    resized to another grid, expand into another number of ``<|image_pad|>`` tokens, and the
+    learner would score tokens the engine never saw. None keeps the checkpoint's own bound.
+    """
+    from transformers import AutoProcessor
+
+    bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    return AutoProcessor.from_pretrained(model_path, **bounds)
+
+
 def resolve_image(image: Any, group_id: str) -> np.ndarray:
     """The uint8 HxWx3 array behind a sample's image (a Ray ObjectRef or the array itself)."""
     if not isinstance(image, np.ndarray):

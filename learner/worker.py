@@ -32,7 +32,15 @@ import torch
 
 from learner import checkpoint as ckpt
 from learner.export import export_hf, full_parameters, parameter_metas, weights_digest
-from learner.inputs import MicroBatch, ModelBatch, PromptCache, collate, completion_logits, token_logprobs
+from learner.inputs import (
+    MicroBatch,
+    ModelBatch,
+    PromptCache,
+    collate,
+    completion_logits,
+    load_processor,
+    token_logprobs,
+)
 from segr1.grpo import LossSettings, aggregate, entropy_from_logits, grpo_loss
 
 
@@ -46,6 +54,8 @@ class LearnerSettings:
     """
 
     model_path: str
+    min_pixels: int | None = None  # image bounds of the processor; must equal the rollout engines'
+    max_pixels: int | None = None
     num_workers: int = 1
     num_gpus_per_worker: float = 1.0
     num_cpus_per_worker: float = 1.0
@@ -221,9 +231,8 @@ class LearnerWorker:
 
     def _build_policy(self) -> None:
         import deepspeed
-        from transformers import AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(self.settings.model_path)
+        self.processor = load_processor(self.settings.model_path, self.settings.min_pixels, self.settings.max_pixels)
         self.cache = PromptCache(self.processor, self.settings.prompt_cache_groups)
         model = self._load_model()
         if self.settings.freeze_vision:

@@ -81,6 +81,7 @@ class RewardConfig:
     num_cpus_per_actor: float = 1.0
     bf16: bool = True
     decode_chunk: int = 8
+    decode_pad_to: int = 0  # > 0: pad SAM2 prompts to this many tokens, one decode batch per group
     weights: RewardWeights = field(default_factory=RewardWeights)
     limits: ParserLimits = field(default_factory=ParserLimits)
     max_restarts: int = 3
@@ -121,7 +122,7 @@ class TrainerConfig:
     max_staleness: int = 1
     steps: int = 1000
     prompts_per_step: int = 8
-    epochs: int = 2
+    epochs: int | None = None  # None: only ``steps`` bounds the run
     eval_every: int = 0
     checkpoint_every: int = 100
     sample_every: int = 50
@@ -129,6 +130,15 @@ class TrainerConfig:
     output_dir: str = "runs/default"
     resume: bool = False
     seed: int = 0
+
+    def steps_for(self, records: int) -> int:
+        """The run's length: ``steps``, or fewer when ``epochs`` passes over ``records`` come first.
+
+        An epoch is ``records / prompts_per_step`` steps; groups dropped by filtering are refilled
+        from the following records, so with filtering on a run sees slightly more than ``epochs``."""
+        if self.epochs is None:
+            return self.steps
+        return max(1, min(self.steps, self.epochs * records // self.prompts_per_step))
 
 
 @dataclass
@@ -192,6 +202,7 @@ def validate(config: Config) -> None:
         (config.trainer.steps >= 1, "trainer.steps must be >= 1"),
         (config.trainer.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1"),
         (config.trainer.max_staleness >= 0, "trainer.max_staleness must be >= 0"),
+        (config.trainer.epochs is None or config.trainer.epochs >= 1, "trainer.epochs must be >= 1 or null"),
         (
             config.trainer.mode == "sync" or config.trainer.max_staleness >= 1,
             "trainer.max_staleness must be >= 1 in async mode (rollouts run one step ahead)",

@@ -6,6 +6,7 @@ This and ``segr1.run`` are the only modules of ``segr1`` that import ``actors`` 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ def reward_settings(config: Config) -> RewardSettings:
         backend=sam2.backend, sam2_config=config_name, sam2_checkpoint=checkpoint,
         sam2_image_size=image_size, box_point_radius=float(sam2.box_point_radius),
         num_gpus=reward.num_gpus_per_actor, num_cpus=reward.num_cpus_per_actor, bf16=reward.bf16,
-        decode_chunk=reward.decode_chunk, weights=reward.weights, limits=reward.limits,
+        decode_chunk=reward.decode_chunk, decode_pad_to=reward.decode_pad_to, weights=reward.weights, limits=reward.limits,
     )
 
 
@@ -119,6 +120,10 @@ def build_job(config: Config, out_dir: Path) -> Any:
     train_dir = dataset_dir(config, out_dir, "train")
     assert train_dir is not None
     reader = ShardReader(train_dir, shuffle=config.data.shuffle, seed=config.data.seed)
+    steps = config.trainer.steps_for(len(reader))
+    if steps < config.trainer.steps:
+        log.info("training for %d steps: %s epochs of %d records", steps, config.trainer.epochs, len(reader))
+        config = replace(config, trainer=replace(config.trainer, steps=steps))
     source = PromptSource(reader, processor, config.data.task, put=ray.put)
     eval_dir = dataset_dir(config, out_dir, "eval")
     eval_prompts = []
@@ -129,7 +134,7 @@ def build_job(config: Config, out_dir: Path) -> Any:
         )
 
     use_gpus = info.num_gpus > 0
-    placements = place_roles([r for r in role_requests(config, use_gpus) if r.role != "learner"])
+    placements = place_roles(role_requests(config, use_gpus))
     r = config.rollout
     rollout = RolloutPool(
         RolloutSettings(
@@ -147,14 +152,15 @@ def build_job(config: Config, out_dir: Path) -> Any:
     )
     lc = config.learner
     learner = LearnerGroup(LearnerSettings(
-        model_path=model_path, num_workers=lc.num_workers, num_gpus_per_worker=lc.num_gpus_per_worker if use_gpus else 0,
+        model_path=model_path, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels,
+        num_workers=lc.num_workers, num_gpus_per_worker=lc.num_gpus_per_worker if use_gpus else 0,
         num_cpus_per_worker=lc.num_cpus_per_worker, zero_stage=lc.zero_stage, bf16=config.model.dtype == "bfloat16",
         lr=lc.lr, warmup_steps=lc.warmup_steps, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
         micro_batch_size=lc.micro_batch_size, iterations_per_batch=lc.iterations_per_batch,
         gradient_checkpointing=lc.gradient_checkpointing, freeze_vision=lc.freeze_vision,
         deepspeed_config=lc.deepspeed_config, loss=config.grpo, seed=config.trainer.seed,
         sync_bucket_mb=lc.sync_bucket_mb,
-    ))
+    ), placement=placements["learner"])
     weights = WeightSync(learner, rollout)
     sampling = SamplingSettings(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
     pipeline = Pipeline(

@@ -17,9 +17,6 @@ from typing import Any
 from segr1.config import Config, load_config
 from segr1.configtools import ConfigError
 
-log = logging.getLogger("segr1")
-
-
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m segr1.run",
@@ -76,8 +73,8 @@ def train(config: Config) -> dict[str, float]:
 
     job = build_job(config, Path(config.trainer.output_dir))
     try:
-        if config.trainer.resume and not job.trainer.resume():
-            log.info("no checkpoint under %s yet: starting from step 0", out_dir / "checkpoints")
+        if config.trainer.resume:
+            job.trainer.resume()
         return job.trainer.fit()
     finally:
         job.shutdown()

@@ -7,10 +7,18 @@ value (``Sam2Embedding``) and clears the predictor, so no decode can silently us
 image, and ``decode`` runs SAM2's prompt encoder and mask decoder on whole batches of prompts.
 
 Batching is only worth having if it gives the masks one-by-one decoding gives. In SAM2, padding
-points (label -1) are real tokens of the two-way transformer, so padding prompts to a common length
-changes their masks (docs/reward.md). ``decode`` instead batches only prompts with the same number
-of tokens (box corners plus points), so a batch holds exactly the tokens ``predict`` would see for
-each prompt alone, and the masks agree with ``SAM2ImagePredictor.predict(..., multimask_output=False)``.
+points (label -1) are real tokens of the two-way transformer, so padding prompts to the longest in a
+batch would make a prompt's mask depend on its batch-mates (docs/reward.md). ``decode`` has two
+consistent ways out, chosen by ``pad_to``:
+
+* ``pad_to=0`` (exact): batch only prompts with the same number of tokens (box corners plus points),
+  so a batch holds exactly the tokens ``predict`` would see for each prompt alone, and the masks
+  agree with ``SAM2ImagePredictor.predict(..., multimask_output=False)``. Mixed lengths make small
+  batches.
+* ``pad_to=N``: every prompt is padded with not-a-point tokens to ``max(N, its length)``, alone or in
+  a batch, so a group's usual prompts form one batch and each mask is the same as decoding that
+  prompt alone with the same padding (it differs slightly from ``predict``'s, which pads with one).
+
 Batches are cut into chunks of ``chunk_size`` prompts: large on a GPU, where batching is the win,
 small on a CPU, where a large decode batch is memory-bound.
 
@@ -66,9 +74,10 @@ class SegmenterTimings:
 
 @dataclass
 class Sam2Segmenter:
-    """Embeds with ``predictor.set_image`` and decodes batches of same-length prompts.
+    """Embeds with ``predictor.set_image`` and decodes batches of equal-length (or padded) prompts.
 
-    ``autocast_bf16`` runs both under bfloat16 autocast (on CUDA only where the GPU supports bf16;
+    ``pad_to`` is the token count every shorter prompt is padded to (0: no padding, exact SAM2
+    masks; see the module docstring). ``autocast_bf16`` runs both under bfloat16 autocast (on CUDA only where the GPU supports bf16;
     otherwise the flag is refused at construction rather than silently ignored). ``chunk_size`` is
     the most prompts in one decoder call; 0 picks a default for the device.
     """
@@ -76,9 +85,12 @@ class Sam2Segmenter:
     predictor: object  # sam2.sam2_image_predictor.SAM2ImagePredictor; not imported to keep startup light
     autocast_bf16: bool = False
     chunk_size: int = 0
+    pad_to: int = 0
     timings: SegmenterTimings = field(default_factory=SegmenterTimings)
 
     def __post_init__(self) -> None:
+        if self.pad_to < 0:
+            raise ValueError(f"pad_to must be >= 0 (0 = no padding), got {self.pad_to}")
         if self.chunk_size < 0:
             raise ValueError(f"chunk_size must be >= 0 (0 = device default), got {self.chunk_size}")
         if self.chunk_size == 0:
@@ -134,9 +146,9 @@ class Sam2Segmenter:
         owner = [first.setdefault(_key(p), i) for i, p in enumerate(prompts)]
         unique = sorted(set(owner))
         decoded: dict[int, np.ndarray] = {}
-        for indices in self._batches([prompts[i] for i in unique]):
+        for length, indices in self._batches([prompts[i] for i in unique]):
             batch = [unique[j] for j in indices]
-            decoded.update(zip(batch, self._decode_batch(embedding, [prompts[i] for i in batch])))
+            decoded.update(zip(batch, self._decode_batch(embedding, [prompts[i] for i in batch], length)))
         masks = []
         for i, o in enumerate(owner):
             if o not in decoded:  # nothing to decode: no box, no points
@@ -148,24 +160,25 @@ class Sam2Segmenter:
         self.timings.decoded += len(decoded)
         return masks
 
-    def _batches(self, prompts: Sequence[MaskPrompt]) -> Iterator[list[int]]:
-        """Indices of prompts grouped by token count, cut into chunks of at most ``chunk_size``."""
+    def _batches(self, prompts: Sequence[MaskPrompt]) -> Iterator[tuple[int, list[int]]]:
+        """(padded length, indices) of prompts grouped by padded token count, in chunks of at most
+        ``chunk_size``."""
         by_length: dict[int, list[int]] = {}
         for i, prompt in enumerate(prompts):
             length = num_tokens(prompt)
             if length:
-                by_length.setdefault(length, []).append(i)
-        for indices in by_length.values():
+                by_length.setdefault(max(length, self.pad_to), []).append(i)
+        for length, indices in by_length.items():
             for lo in range(0, len(indices), self.chunk_size):
-                yield indices[lo : lo + self.chunk_size]
+                yield length, indices[lo : lo + self.chunk_size]
 
-    def _decode_batch(self, embedding: Sam2Embedding, prompts: list[MaskPrompt]) -> list[np.ndarray]:
-        coords, labels = _stack_prompts(prompts)
+    def _decode_batch(self, embedding: Sam2Embedding, prompts: list[MaskPrompt], length: int) -> list[np.ndarray]:
+        coords, labels = _stack_prompts(prompts, length)
         points = (self._to_model_frame(coords, embedding), torch.as_tensor(labels, device=self.device))
         encoder = self.model.sam_prompt_encoder
         with self._autocast():
-            # As in _predict: boxes travel as two labelled points, so the encoder pads every prompt
-            # with exactly one not-a-point token, the same for a batch as for one prompt.
+            # As in _predict: boxes travel as two labelled points, so the encoder adds exactly one
+            # not-a-point token to every prompt (after ours, if any), the same for a batch as for one.
             sparse, dense = encoder(points=points, boxes=None, masks=None)
             low_res, _, _, _ = self.model.sam_mask_decoder(
                 image_embeddings=embedding.image_embed,
@@ -202,8 +215,12 @@ def num_tokens(prompt: MaskPrompt) -> int:
     return (2 if prompt.box is not None else 0) + len(prompt.points)
 
 
-def _stack_prompts(prompts: list[MaskPrompt]) -> tuple[np.ndarray, np.ndarray]:
-    """(B, T, 2) float coordinates and (B, T) int32 labels, box corners first, for same-length prompts."""
+_NOT_A_POINT = -1  # SAM's padding label: embedded as a learned token, its coordinates are ignored
+
+
+def _stack_prompts(prompts: list[MaskPrompt], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, length, 2) float coordinates and (B, length) int32 labels, box corners first, each prompt
+    padded with not-a-point tokens up to ``length``."""
     coords, labels = [], []
     for prompt in prompts:
         c = np.asarray(prompt.points, dtype=np.float64).reshape(-1, 2)
@@ -213,8 +230,11 @@ def _stack_prompts(prompts: list[MaskPrompt]) -> tuple[np.ndarray, np.ndarray]:
         if prompt.box is not None:
             c = np.concatenate([np.asarray(prompt.box, dtype=np.float64).reshape(2, 2), c])
             lab = np.concatenate([np.array(_BOX_LABELS, dtype=np.int32), lab])
-        coords.append(c)
-        labels.append(lab)
+        if len(lab) > length:
+            raise ValueError(f"prompt has {len(lab)} tokens, more than the batch's {length}")
+        pad = length - len(lab)
+        coords.append(np.concatenate([c, np.zeros((pad, 2))]))
+        labels.append(np.concatenate([lab, np.full(pad, _NOT_A_POINT, dtype=np.int32)]))
     return np.stack(coords), np.stack(labels)
 
 
@@ -225,9 +245,10 @@ def load_sam2_segmenter(
     device: str = "cpu",
     autocast_bf16: bool = False,
     chunk_size: int = 0,
+    pad_to: int = 0,
 ) -> Sam2Segmenter:
     """Build SAM2 once from a config name inside the sam2 package and a checkpoint, on ``device``."""
     from segr1.sam2_model import load_sam2_predictor
 
     predictor = load_sam2_predictor(config, checkpoint, image_size=image_size, device=device)
-    return Sam2Segmenter(predictor, autocast_bf16=autocast_bf16, chunk_size=chunk_size)
+    return Sam2Segmenter(predictor, autocast_bf16=autocast_bf16, chunk_size=chunk_size, pad_to=pad_to)

@@ -117,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bfloat16 on a GPU, float32 on CPU")
     p.add_argument("--deepspeed-config", default=None, help="JSON merged over the generated DeepSpeed config")
+    p.add_argument("--min-pixels", type=int, default=None, help="image bounds, as the rollouts' model.min_pixels")
+    p.add_argument("--max-pixels", type=int, default=None, help="image bounds, as the rollouts' model.max_pixels")
     p.add_argument("--random-coords", action="store_true", help="right format, coordinates unrelated to the object")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --output")
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and torch.cuda.is_available())
     settings = LearnerSettings(
-        model_path=args.model, zero_stage=args.zero_stage, bf16=bf16, lr=args.lr,
+        model_path=args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        zero_stage=args.zero_stage, bf16=bf16, lr=args.lr,
         warmup_steps=args.warmup_steps, micro_batch_size=args.micro_batch_size,
         deepspeed_config=args.deepspeed_config, loss=LossSettings(kl_coef=0.0), seed=args.seed,
     )

@@ -242,9 +242,12 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        """Restore step, data position, weight version and learner state from the latest checkpoint."""
+        """Restore step, data position, weight version and learner state from the latest checkpoint.
+
+        False when there is none yet, so a job can always be submitted with ``--resume``."""
         state = self.learner.load_checkpoint(self.checkpoints)
         if state is None:
+            log.info("no checkpoint under %s yet: starting from step 0", self.checkpoints)
             return False
         self.step = int(state["step"])
         self.source.load_state_dict(state["data"])
@@ -258,10 +261,14 @@ class Trainer:
         step = self.step + offset if step is None else step
         return every > 0 and step > 0 and step % every == 0
 
+    def request_stop(self) -> None:
+        """Finish the current step, write a checkpoint and return from ``fit`` (thread-safe)."""
+        self._stop = True
+
     def _install_stop_handlers(self) -> None:
         def stop(signum: int, _frame: Any) -> None:
             log.warning("signal %d: finishing this step, then checkpointing", signum)
-            self._stop = True
+            self.request_stop()
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)

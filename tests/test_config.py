@@ -47,11 +47,20 @@ def test_overrides_in_all_three_spellings_with_yaml_typed_values():
         (["--grpo.dual_clip", "0.5"], "dual_clip must be > 1"),
         (["--grpo.kl_estimator", "k9"], "kl_estimator must be one of"),
         (["--reward.weights.iou", "-1"], "reward.weights: RewardWeights.iou must be"),
+        (["--trainer.epochs", "0"], "trainer.epochs must be >= 1 or null"),
     ],
 )
 def test_bad_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", overrides)
+
+
+def test_epochs_bound_the_run_length():
+    trainer = load_config("cod").trainer  # 2 epochs, 16 prompts per step, steps 100000
+    assert trainer.steps_for(8000) == 1000
+    assert trainer.steps_for(10**9) == trainer.steps  # steps bound first
+    assert trainer.steps_for(3) == 1  # never zero steps
+    assert load_config("tiny", ["--trainer.steps", "7"]).trainer.steps_for(10) == 7  # no epochs: steps only
 
 
 def test_unknown_source_and_bad_yaml_are_clear(tmp_path):

@@ -192,6 +192,8 @@ def test_settings_refuse_nonsense():
         RewardSettings(num_gpus=-1)
     with pytest.raises(ValueError, match="decode_chunk"):
         RewardSettings(decode_chunk=-2)
+    with pytest.raises(ValueError, match="decode_pad_to"):
+        RewardSettings(decode_pad_to=-1)
 
 
 # --------------------------------------------------------------------------- SAM2, in process
@@ -278,15 +280,20 @@ def assert_matches_reference(scores, references) -> None:
             assert s.reward == ref.reward, f"sample {i}"
 
 
-@pytest.mark.slow
-def test_batched_decoding_equals_one_by_one_and_sam2_predict(sam2_actor, reference_predictor, record):
-    segmenter = sam2_actor.segmenter
-    rng = np.random.default_rng(0)
+def _mixed_prompts(rng: np.random.Generator, count: int) -> list[MaskPrompt]:
+    """Prompts of 1 to 5 tokens, several of each count: points only, or a box with 0-3 points."""
     prompts = []
-    for i in range(14):  # token counts 1..6, several prompts per count, chunk size 3
+    for i in range(count):
         n = int(rng.integers(0, 4)) if i % 3 else int(rng.integers(1, 4))
         box = None if i % 3 == 0 else np.sort(rng.uniform(0, IMAGE_W, 4).reshape(2, 2), axis=0).T.ravel()[[0, 2, 1, 3]]
         prompts.append(MaskPrompt(box, rng.uniform(0, IMAGE_H, (n, 2)), rng.integers(0, 2, n)))
+    return prompts
+
+
+@pytest.mark.slow
+def test_batched_decoding_equals_one_by_one_and_sam2_predict(sam2_actor, reference_predictor, record):
+    segmenter = sam2_actor.segmenter
+    prompts = _mixed_prompts(np.random.default_rng(0), 14)  # chunk size 3
     embedding = segmenter.embed(record.image)
     batches_before = segmenter.timings.batches
     batched = segmenter.decode(embedding, prompts)
@@ -337,13 +344,38 @@ def test_bf16_autocast_runs_and_stays_close_to_float32(tiny_sam2, sam2_actor, re
 
 @pytest.mark.slow
 def test_padding_to_a_common_length_would_change_masks(sam2_actor, record):
-    """Why decode groups by token count: a -1 padding point is a real token (docs/reward.md)."""
+    """Why padding must not depend on the batch: a -1 padding point is a real token (docs/reward.md)."""
     segmenter = sam2_actor.segmenter
     embedding = segmenter.embed(record.image)
     box = np.array([10.0, 10.0, 70.0, 60.0])
     plain = segmenter.decode(embedding, [MaskPrompt(box, np.zeros((0, 2)), np.zeros(0, int))])[0]
     padded = segmenter.decode(embedding, [MaskPrompt(box, np.zeros((1, 2)), np.array([-1]))])[0]
     assert not np.array_equal(plain, padded)
+
+
+@pytest.mark.slow
+def test_padded_decoding_batches_a_group_and_equals_padded_one_by_one(sam2_actor, record):
+    """pad_to=N: every prompt of up to N tokens in one batch; each mask is that prompt decoded alone
+    with N - length not-a-point tokens added, whatever else is in the batch."""
+    from segr1.sam2_segmenter import Sam2Segmenter, num_tokens
+
+    exact = sam2_actor.segmenter
+    padded = Sam2Segmenter(exact.predictor, chunk_size=16, pad_to=4)
+    prompts = _mixed_prompts(np.random.default_rng(1), 14)
+    lengths = [num_tokens(p) for p in prompts]
+    assert min(lengths) < 4 < max(lengths)  # both padded prompts and longer ones, which keep their length
+    embedding = padded.embed(record.image)
+    before = padded.timings.batches
+    batched = padded.decode(embedding, prompts)
+    assert padded.timings.batches - before == 1 + len({n for n in lengths if n > 4})
+    for i, (prompt, mask, n) in enumerate(zip(prompts, batched, lengths)):
+        alone = padded.decode(embedding, [prompt])[0]
+        pad = max(0, 4 - n)
+        explicit = MaskPrompt(prompt.box, np.concatenate([prompt.points.reshape(-1, 2), np.zeros((pad, 2))]),
+                              np.concatenate([prompt.labels, np.full(pad, -1)]))
+        assert np.array_equal(alone, exact.decode(embedding, [explicit])[0]), f"prompt {i}"
+        assert (mask != alone).mean() < 1e-3, f"prompt {i}: batched differs from one-by-one"  # matmul noise only
+    assert len({m.tobytes() for m in batched}) > len(prompts) // 2
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from actors.rollout import RolloutActor, RolloutSettings, SamplingSettings
-from learner.inputs import collate, completion_logits, process_prompt, token_logprobs
+from learner.inputs import collate, completion_logits, load_processor, process_prompt, token_logprobs
 from learner.weight_sender import WeightSender, weight_meta
 from segr1.prompts import build_messages, render_prompt
 from segr1.schema import PromptItem, RolloutGroup, TrainSample
@@ -31,19 +31,24 @@ MATCH_TOL = 1e-4  # float32 engine vs float32 HF: measured ~1e-6
 CONTROL_MIN = 0.1  # weights that were not pushed must be visibly different, not within noise
 
 
+# Not the checkpoint's own bounds: the 112 px test images are resized to 56 px (4 image tokens,
+# not 16), so the learner's processor must be given these too or the prompts would disagree.
+MIN_PIXELS = MAX_PIXELS = 56 * 56
+
+
 def settings_for(model_dir: Path) -> RolloutSettings:
     return RolloutSettings(
         model=str(model_dir), dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 << 20,
-        enforce_eager=True, seed=0,
+        enforce_eager=True, seed=0, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
     )
 
 
 @pytest.fixture(scope="module")
 def policy(tiny_qwen_dir: Path) -> dict[str, Any]:
     """The HF copy of the policy (the learner's side) and its processor."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    processor = AutoProcessor.from_pretrained(tiny_qwen_dir)
+    processor = load_processor(str(tiny_qwen_dir), MIN_PIXELS, MAX_PIXELS)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen_dir, dtype=torch.float32).eval()
     return {"model": model, "processor": processor}
 
@@ -164,6 +169,17 @@ def test_generate_returns_one_group_of_g_completions_per_prompt(actor, items, po
     # a prompt's samples do not depend on which other prompts share its batch
     alone = actor.generate(items[1:2], sampling)
     assert [c.token_ids for c in alone[0].completions] == [c.token_ids for c in groups[1].completions]
+
+
+def test_learner_processor_uses_the_engines_image_bounds(actor, items, policy, tiny_qwen_dir):
+    group = actor.generate(items[:1], SamplingSettings(n=2, max_tokens=4, seed=0))[0]
+    learner_ids = process_prompt(policy["processor"], items[0].prompt, items[0].image, "g0").input_ids.tolist()
+    assert learner_ids == group.prompt_token_ids
+    pad = policy["processor"].tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert group.prompt_token_ids.count(pad) == 4  # 112 px resized to 56 px: 2 x 2 merged patches
+    # the checkpoint's own bounds keep 112 px: a learner without the engine's bounds would disagree
+    default = load_processor(str(tiny_qwen_dir))
+    assert process_prompt(default, items[0].prompt, items[0].image, "g0").input_ids.tolist().count(pad) == 16
 
 
 def test_vision_tokens_are_never_sampled(actor, items):

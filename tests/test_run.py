@@ -111,7 +111,7 @@ def test_ray_job_submit_stop_and_resume(head, tmp_path):
     job_id = "segr1-run-test"
     runtime_env = str(REPO / "cluster" / "runtime_env.yaml")  # gives the driver time to checkpoint on stop
     submitted = head.job_cli(["submit", "--no-wait", "--submission-id", job_id, "--runtime-env", runtime_env,
-                              "--", "python", "-m", "segr1.run", *args])
+                              "--", "python", "-m", "segr1.run", *args, "--resume"])
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     deadline = time.monotonic() + 480
     while len(metric_lines(out)) < 2:
