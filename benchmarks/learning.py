@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=400)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per GRPO step")
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--kl-coef", type=float, default=0.04, help="KL to the warm start (the paper's 0.04)")
     args = parser.parse_args()
     started = time.monotonic()
