@@ -6,8 +6,8 @@ This and ``segr1.run`` are the only modules of ``segr1`` that import ``actors`` 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,8 @@ def reward_settings(config: Config) -> RewardSettings:
         backend=sam2.backend, sam2_config=config_name, sam2_checkpoint=checkpoint,
         sam2_image_size=image_size, box_point_radius=float(sam2.box_point_radius),
         num_gpus=reward.num_gpus_per_actor, num_cpus=reward.num_cpus_per_actor, bf16=reward.bf16,
-        decode_chunk=reward.decode_chunk, decode_pad_to=reward.decode_pad_to, weights=reward.weights, limits=reward.limits,
+        decode_chunk=reward.decode_chunk, decode_pad_to=reward.decode_pad_to,
+        weights=reward.weights, limits=reward.limits,
     )
 
 

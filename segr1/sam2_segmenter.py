@@ -17,7 +17,7 @@ consistent ways out, chosen by ``pad_to``:
   batches.
 * ``pad_to=N``: every prompt is padded with not-a-point tokens to ``max(N, its length)``, alone or in
   a batch, so a group's usual prompts form one batch and each mask is the same as decoding that
-  prompt alone with the same padding (it differs slightly from ``predict``'s, which pads with one).
+  prompt alone with the same padding; it is not ``predict``'s mask, which has one padding token.
 
 Batches are cut into chunks of ``chunk_size`` prompts: large on a GPU, where batching is the win,
 small on a CPU, where a large decode batch is memory-bound.
@@ -77,9 +77,10 @@ class Sam2Segmenter:
     """Embeds with ``predictor.set_image`` and decodes batches of equal-length (or padded) prompts.
 
     ``pad_to`` is the token count every shorter prompt is padded to (0: no padding, exact SAM2
-    masks; see the module docstring). ``autocast_bf16`` runs both under bfloat16 autocast (on CUDA only where the GPU supports bf16;
-    otherwise the flag is refused at construction rather than silently ignored). ``chunk_size`` is
-    the most prompts in one decoder call; 0 picks a default for the device.
+    masks; see the module docstring). ``autocast_bf16`` runs both under bfloat16 autocast (on CUDA
+    only where the GPU supports bf16; otherwise the flag is refused at construction rather than
+    silently ignored). ``chunk_size`` is the most prompts in one decoder call; 0 picks a default for
+    the device.
     """
 
     predictor: object  # sam2.sam2_image_predictor.SAM2ImagePredictor; not imported to keep startup light
