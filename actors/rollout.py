@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from segr1.prompts import pixel_bounds
 from segr1.schema import Completion, PromptItem, RolloutGroup
 from segr1.weight_sync import BucketPlan
 
@@ -135,7 +136,7 @@ class RolloutActor:
 
     def _engine_kwargs(self) -> dict[str, Any]:
         s = self.settings
-        mm_kwargs = {k: v for k, v in (("min_pixels", s.min_pixels), ("max_pixels", s.max_pixels)) if v is not None}
+        mm_kwargs = pixel_bounds(s.min_pixels, s.max_pixels)
         kwargs: dict[str, Any] = dict(
             model=s.model,
             dtype=s.dtype,

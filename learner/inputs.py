@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from segr1.prompts import pixel_bounds
 from segr1.schema import TrainSample
 
 
@@ -73,8 +74,7 @@ def load_processor(model_path: str, min_pixels: int | None = None, max_pixels: i
     """
     from transformers import AutoProcessor
 
-    bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    return AutoProcessor.from_pretrained(model_path, **bounds)
+    return AutoProcessor.from_pretrained(model_path, **pixel_bounds(min_pixels, max_pixels))
 
 
 def resolve_image(image: Any, group_id: str) -> np.ndarray:
