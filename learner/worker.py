@@ -17,7 +17,9 @@ Heavy imports (DeepSpeed, transformers) happen inside the methods, so the driver
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import random
 import shutil
@@ -43,6 +45,8 @@ from learner.inputs import (
 )
 from segr1.grpo import LossSettings, aggregate, entropy_from_logits, grpo_loss
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 @dataclass
 class LearnerSettings:
@@ -50,7 +54,9 @@ class LearnerSettings:
 
     ``deepspeed_config`` (a JSON file, or its content as a dict) is merged over the generated
     DeepSpeed config, its values winning. ``LearnerGroup`` reads a file on the driver, so the ranks
-    need not see the path. The learning rate is constant after ``warmup_steps`` of linear warm-up.
+    need not see the path. The learning rate rises linearly over ``warmup_steps``, then stays at
+    ``lr`` (``lr_schedule="constant"``) or follows a half cosine down to ``min_lr_ratio x lr`` at
+    optimizer step ``decay_steps`` (``"cosine"``; the job passes the run's length).
     """
 
     model_path: str
@@ -63,6 +69,9 @@ class LearnerSettings:
     bf16: bool = True
     lr: float = 1e-6
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+    decay_steps: int | None = None
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 4
@@ -82,6 +91,10 @@ class LearnerSettings:
             (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
             (self.lr > 0, "lr must be > 0"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.lr_schedule != "cosine" or (self.decay_steps or 0) > self.warmup_steps,
+             f"lr_schedule 'cosine' needs decay_steps > warmup_steps ({self.warmup_steps}), got {self.decay_steps}"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)"),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
@@ -98,6 +111,22 @@ class LearnerSettings:
             )
         if isinstance(self.deepspeed_config, str) and not Path(self.deepspeed_config).is_file():
             raise ValueError(f"LearnerSettings: deepspeed_config {self.deepspeed_config} is not a file")
+
+
+def lr_factor(step: int, settings: LearnerSettings) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``settings.lr``.
+
+    Written out rather than taken from transformers, whose cosine turns back up after its horizon:
+    here the rate holds at the floor, so a run resumed past ``decay_steps`` never speeds up again.
+    """
+    warmup = settings.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if settings.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup + 1) / (settings.decay_steps - warmup))
+    floor = settings.min_lr_ratio
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def read_deepspeed_overrides(source: str | dict | None) -> dict:
@@ -242,10 +271,7 @@ class LearnerWorker:
         optimizer = torch.optim.AdamW(
             self._param_groups(model), lr=self.settings.lr, betas=(0.9, 0.999), eps=1e-8
         )
-        warmup = self.settings.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, settings=self.settings))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
@@ -337,7 +363,7 @@ class LearnerWorker:
         refs = [self._reference_logprobs(b) if objective == "grpo" else None for b in batches]
         iterations = self.settings.iterations_per_batch if objective == "grpo" else 1
         sums: dict[str, float] = {}
-        grad_norm = float("nan")
+        grad_norm = lr = float("nan")
         for _ in range(iterations):
             for i, (micro, batch, ref) in enumerate(zip(micro_batches, batches, refs)):
                 self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
@@ -345,6 +371,7 @@ class LearnerWorker:
                 self.engine.backward(loss * (micro.share * self.world_size), scale_wrt_gas=False)
                 for name, value in metrics.items():
                     sums[name] = sums.get(name, 0.0) + micro.share * value / iterations
+            lr = float(self.engine.get_lr()[0])  # this step's rate: step() moves the schedule on
             self.engine.step()
             norm = self.engine.get_global_grad_norm()  # before clipping
             grad_norm = float(norm) if norm is not None else float("nan")
@@ -356,7 +383,7 @@ class LearnerWorker:
             "tokens": float(tokens),
             "completion_tokens": float(completion),
             "seconds": time.perf_counter() - start,
-            "lr": float(self.engine.get_lr()[0]),
+            "lr": lr,
             "optimizer_steps": float(self.engine.global_steps),
         }
 

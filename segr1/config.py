@@ -97,6 +97,8 @@ class LearnerConfig:
     deepspeed_config: str | None = None
     lr: float = 1e-6
     warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine decays over the run's steps
+    min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 4
@@ -195,6 +197,13 @@ def validate(config: Config) -> None:
         (0 < config.reward.num_gpus_per_actor <= 8, "reward.num_gpus_per_actor must be in (0, 8]"),
         (config.learner.num_workers >= 1, "learner.num_workers must be >= 1"),
         (config.learner.lr > 0, "learner.lr must be > 0"),
+        (0 <= config.learner.min_lr_ratio <= 1, "learner.min_lr_ratio must be in [0, 1]"),
+        (
+            config.learner.lr_schedule == "constant"
+            or config.trainer.steps * config.learner.iterations_per_batch > config.learner.warmup_steps,
+            "learner.lr_schedule 'cosine' needs more optimizer steps (trainer.steps x "
+            "learner.iterations_per_batch) than learner.warmup_steps",
+        ),
         (config.learner.micro_batch_size >= 1, "learner.micro_batch_size must be >= 1"),
         (config.learner.iterations_per_batch >= 1, "learner.iterations_per_batch must be >= 1"),
         (config.learner.sync_bucket_mb >= 1, "learner.sync_bucket_mb must be >= 1"),

@@ -156,7 +156,9 @@ def build_job(config: Config, out_dir: Path) -> Any:
         model_path=model_path, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels,
         num_workers=lc.num_workers, num_gpus_per_worker=lc.num_gpus_per_worker if use_gpus else 0,
         num_cpus_per_worker=lc.num_cpus_per_worker, zero_stage=lc.zero_stage, bf16=config.model.dtype == "bfloat16",
-        lr=lc.lr, warmup_steps=lc.warmup_steps, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
+        lr=lc.lr, warmup_steps=lc.warmup_steps, lr_schedule=lc.lr_schedule, min_lr_ratio=lc.min_lr_ratio,
+        decay_steps=config.trainer.steps * lc.iterations_per_batch,  # optimizer steps in the whole run
+        weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
         micro_batch_size=lc.micro_batch_size, iterations_per_batch=lc.iterations_per_batch,
         gradient_checkpointing=lc.gradient_checkpointing, freeze_vision=lc.freeze_vision,
         deepspeed_config=lc.deepspeed_config, loss=config.grpo, seed=config.trainer.seed,

@@ -48,6 +48,9 @@ def test_overrides_in_all_three_spellings_with_yaml_typed_values():
         (["--grpo.kl_estimator", "k9"], "kl_estimator must be one of"),
         (["--reward.weights.iou", "-1"], "reward.weights: RewardWeights.iou must be"),
         (["--trainer.epochs", "0"], "trainer.epochs must be >= 1 or null"),
+        (["--learner.lr_schedule", "linear"], "learner.lr_schedule: 'linear' is not one of"),
+        (["--learner.min_lr_ratio", "2"], r"learner.min_lr_ratio must be in \[0, 1\]"),
+        (["--learner.lr_schedule", "cosine", "--learner.warmup_steps", "4"], "'cosine' needs more optimizer steps"),
     ],
 )
 def test_bad_settings_name_the_key(overrides, message):

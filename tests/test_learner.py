@@ -21,7 +21,7 @@ import torch
 
 from learner import checkpoint as ckpt
 from learner.inputs import PromptCache, collate, completion_logits, plan_micro_batches, token_logprobs
-from learner.worker import LearnerSettings, deepspeed_config
+from learner.worker import LearnerSettings, deepspeed_config, lr_factor
 from segr1.grpo import LossSettings, grpo_loss
 from segr1.prompts import build_messages, render_prompt
 from segr1.schema import TrainSample
@@ -89,6 +89,24 @@ def test_settings_and_deepspeed_config(tmp_path):
     (tmp_path / "list.json").write_text("[1]")
     with pytest.raises(ValueError, match="list.json: must hold a JSON object"):
         deepspeed_config(LearnerSettings(model_path="m", deepspeed_config=str(tmp_path / "list.json")), 1, False)
+
+
+def test_lr_schedule_warms_up_then_holds_or_follows_a_cosine_to_its_floor():
+    constant = LearnerSettings(model_path="m", warmup_steps=4)
+    assert [lr_factor(step, constant) for step in (0, 1, 3, 4, 10_000)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cosine = LearnerSettings(model_path="m", warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1, decay_steps=12)
+    factors = [lr_factor(step, cosine) for step in range(20)]
+    assert factors[:2] == [0.5, 1.0]
+    assert all(a > b for a, b in zip(factors[1:11], factors[2:12]))  # strictly down to the last step
+    # Half-way through the decay (step 6 of 2..11) the cosine is at the mid-point of [floor, 1].
+    assert factors[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert factors[11:] == [pytest.approx(0.1)] * 9  # holds the floor past decay_steps, never turns up
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        LearnerSettings(model_path="m", lr_schedule="linear")
+    with pytest.raises(ValueError, match="min_lr_ratio must be in"):
+        LearnerSettings(model_path="m", lr_schedule="cosine", min_lr_ratio=1.5, decay_steps=10)
+    with pytest.raises(ValueError, match="needs decay_steps > warmup_steps"):
+        LearnerSettings(model_path="m", lr_schedule="cosine", warmup_steps=5, decay_steps=5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,8 +245,8 @@ def _with_behavior(samples: list[TrainSample], logprobs: list[list[float]]) -> l
 def _settings(model: Path, zero_stage: int, name: str, freeze_vision: bool = False) -> LearnerSettings:
     return LearnerSettings(
         model_path=str(model), num_workers=2, num_gpus_per_worker=0, num_cpus_per_worker=1,
-        zero_stage=zero_stage, bf16=False, lr=2e-3, warmup_steps=3, grad_clip=1.0, micro_batch_size=2,
-        loss=LossSettings(kl_coef=0.04), seed=0, name_prefix=name, gradient_checkpointing=True,
+        zero_stage=zero_stage, bf16=False, lr=2e-3, warmup_steps=1, lr_schedule="cosine", min_lr_ratio=0.1,
+        decay_steps=4, grad_clip=1.0, micro_batch_size=2, loss=LossSettings(kl_coef=0.04), seed=0, name_prefix=name, gradient_checkpointing=True,
         freeze_vision=freeze_vision,
     )
 
@@ -298,6 +316,9 @@ def test_zero2_grpo_step_moves_log_probs_and_resumes_exactly(
         resumed = group.train_step(next_batch)
         assert group.weights_digest() == digest
         assert resumed["loss"] == uninterrupted["loss"] and resumed["lr"] == uninterrupted["lr"]
+        # The second optimizer step is past warm-up, on the cosine, in both runs: the schedule's
+        # position came back with the checkpoint.
+        assert resumed["lr"] == pytest.approx(2e-3 * lr_factor(1, group.settings)) and lr_factor(1, group.settings) < 1
     finally:
         group.shutdown()
 

@@ -71,7 +71,8 @@ def test_sync_job_trains_and_engines_hold_the_learners_weights(ray_cluster, tmp_
 
 
 def test_async_job_survives_a_killed_reward_actor(ray_cluster, tmp_path):
-    config = tiny_config(tmp_path, "--trainer.mode", "async", "--trainer.steps", "3")
+    config = tiny_config(tmp_path, "--trainer.mode", "async", "--trainer.steps", "3",
+                         "--learner.lr_schedule", "cosine", "--learner.min_lr_ratio", "0.1")
     job = build_job(config, tmp_path)
     reward_actor = ray.get_actor("reward-0")
     pid_before = ray.get(reward_actor.info.remote())["pid"]
@@ -94,6 +95,8 @@ def test_async_job_survives_a_killed_reward_actor(ray_cluster, tmp_path):
     assert [line["step"] for line in train] == [1, 2, 3]
     assert all(line["staleness"] <= 1 for line in train)
     assert train[-1]["weight_version"] == 3
+    # The cosine spans the run's 3 optimizer steps: 0.1 + 0.9 x (1 + cos(pi k / 3)) / 2 of lr, k = 1..3.
+    assert [line["lr"] for line in train] == pytest.approx([0.775e-4, 0.325e-4, 0.1e-4])
     assert pid_after != pid_before  # the run went on with a restarted reward actor
 
 
