@@ -19,6 +19,10 @@ sample what GRPO made of it. The goal is judged on the segmentation reward (0.7 
 the part of the paper's reward that depends on where the answer points): it should at least double.
 The total reward is printed beside it; its format part (0 or 1) is mostly earned already by the
 warm start. The reward curve is saved as ``<out>/reward_curve.png``.
+
+The same job also answers 64 held-out scenes greedily, once with the warm start (before the first
+step) and once with the trained policy (after the last): the gain there is on images GRPO never
+trained on, from one and the same starting point.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 WINDOW = 10
 PARTS = ("reward", "format", "iou", "segmentation")
-SHUTDOWN_MARGIN_S = 90  # final checkpoint and actor shutdown, inside the budget
+HELDOUT = 64  # held-out scenes, scored greedily before and after GRPO
+SHUTDOWN_MARGIN_S = 120  # held-out scoring, final checkpoint and actor shutdown, inside the budget
 
 
 def warm_start(model: Path, data: Path, out: Path, args: argparse.Namespace) -> Path:
@@ -47,34 +52,42 @@ def warm_start(model: Path, data: Path, out: Path, args: argparse.Namespace) -> 
         sys.executable, "-m", "segr1.sft", "--model", str(model), "--data", str(data),
         "--output", str(out / "warm_start"), "--steps", str(args.sft_steps), "--batch-size", "16",
         "--micro-batch-size", "16", "--lr", "1e-3", "--random-coords", "--export", str(exported),
+        "--seed", str(args.seed),
     ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return exported
 
 
-def grpo(policy: Path, data: Path, out: Path, args: argparse.Namespace, budget_s: float) -> list[dict]:
+def grpo(policy: Path, data: Path, heldout: Path, out: Path, args: argparse.Namespace,
+         deadline: float) -> tuple[list[dict], dict[str, float], dict[str, float]]:
+    """The GRPO steps' metrics, and greedy held-out scores of the warm start and of the trained policy."""
     from segr1.config import load_config
     from segr1.job import build_job
 
     config = load_config("tiny", [
-        "--model.path", str(policy), "--sam2.backend", "box", "--data.train", str(data),
+        "--model.path", str(policy), "--sam2.backend", "box", "--data.train", str(data), "--data.eval", str(heldout),
         "--rollout.group_size", str(args.group_size), "--rollout.max_tokens", "96",
         "--trainer.prompts_per_step", str(args.prompts), "--trainer.steps", str(args.steps),
         "--learner.lr", str(args.lr), "--learner.lr_schedule", args.lr_schedule, "--learner.min_lr_ratio", "0.1",
         "--learner.micro_batch_size", "32", "--grpo.kl_coef", str(args.kl_coef),
-        "--trainer.eval_every", "0", "--trainer.sample_every", "0", "--trainer.checkpoint_every", "0",
-        "--trainer.output_dir", str(out / "grpo"),
+        # An eval period past the run loads the held-out prompts; they are scored below, before and after.
+        "--trainer.eval_every", str(10**9), "--trainer.sample_every", "0", "--trainer.checkpoint_every", "0",
+        "--trainer.output_dir", str(out / "grpo"), "--trainer.seed", str(args.seed), "--data.seed", str(args.seed),
     ])
     job = build_job(config, out / "grpo")
-    timer = threading.Timer(budget_s, job.trainer.request_stop)
-    timer.start()
     try:
-        job.trainer.fit()
+        before = job.trainer.evaluate()
+        timer = threading.Timer(deadline - time.monotonic(), job.trainer.request_stop)
+        timer.start()
+        try:
+            job.trainer.fit()
+        finally:
+            timer.cancel()
+        after = job.trainer.evaluate()
     finally:
-        timer.cancel()
         job.shutdown()
     lines = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    return [line for line in lines if "reward" in line and "eval_reward" not in line]
+    return [line for line in lines if "reward" in line and "eval_reward" not in line], before, after
 
 
 def window_means(steps: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
@@ -121,6 +134,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
                         help="cosine: down to 0.1 x lr at --steps")
+    parser.add_argument("--seed", type=int, default=0, help="draws the scenes, the tiny model and the sampling")
     parser.add_argument("--kl-coef", type=float, default=0.0, help="KL to the warm start (the paper uses 0.04)")
     args = parser.parse_args()
     started = time.monotonic()
@@ -129,16 +143,17 @@ def main() -> None:
     from segr1.data import write_synth
     from segr1.tiny import build_qwen
 
-    data = args.out / "data"
-    write_synth(data, args.records, 112, seed=0, overwrite=True)
-    policy = warm_start(build_qwen(), data, args.out, args)
+    data, heldout = args.out / "data", args.out / "heldout"
+    write_synth(data, args.records, 112, seed=args.seed, overwrite=True)
+    write_synth(heldout, HELDOUT, 112, seed=args.seed + 10_000, overwrite=True)  # scenes GRPO never trains on
+    policy = warm_start(build_qwen(seed=args.seed), data, args.out, args)
     sft_s = time.monotonic() - started
     print(f"warm start (SFT, random coordinates, {args.sft_steps} steps): {sft_s:.0f} s", flush=True)
 
-    budget_s = args.minutes * 60 - (time.monotonic() - started) - SHUTDOWN_MARGIN_S
-    if budget_s < 60:
+    deadline = started + args.minutes * 60 - SHUTDOWN_MARGIN_S
+    if deadline - time.monotonic() < 120:
         raise SystemExit(f"--minutes {args.minutes}: too short, the warm start alone took {sft_s:.0f} s")
-    steps = grpo(policy, data, args.out, args, budget_s)
+    steps, before, after = grpo(policy, data, heldout, args.out, args, deadline)
     if len(steps) < 2 * WINDOW:
         raise SystemExit(f"only {len(steps)} GRPO steps ran; need {2 * WINDOW} to compare windows")
     first, last = window_means(steps)
@@ -151,6 +166,9 @@ def main() -> None:
     print(f"{'':<14}{'first ' + str(WINDOW):>10}{'last ' + str(WINDOW):>10}{'last/first':>12}")
     for key in PARTS:
         print(f"{key:<14}{first[key]:>10.3f}{last[key]:>10.3f}{last[key] / max(first[key], 1e-9):>12.2f}")
+    print(f"held-out ({HELDOUT} unseen scenes, greedy): reward {before['eval_reward']:.3f} -> "
+          f"{after['eval_reward']:.3f}, IoU {before['eval_iou']:.3f} -> {after['eval_iou']:.3f} "
+          "(warm start -> after GRPO)")
     ratio = last["segmentation"] / max(first["segmentation"], 1e-9)
     verdict = "met" if ratio >= 2 and total_min <= args.minutes else "NOT met"
     print(f"goal (segmentation reward at least doubles within {args.minutes:g} min): {verdict}, x{ratio:.2f}")

@@ -202,6 +202,10 @@ class Trainer:
         Eval groups share the pools with training rollouts that may be in flight (async mode), so
         they are told apart by group id and training groups that finish meanwhile are kept.
         """
+        if not self.eval_prompts:
+            raise ValueError(
+                "no held-out prompts to evaluate: set data.eval (or use synthetic data) and trainer.eval_every > 0"
+            )
         eval_ids = {p.item.group_id for p in self.eval_prompts}
         self.pipeline.submit(self.eval_prompts, replace(self.pipeline.sampling, n=1, temperature=0.0))
         scores = []
