@@ -17,6 +17,7 @@ from typing import Any
 from segr1.config import Config, load_config
 from segr1.configtools import ConfigError
 
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m segr1.run",
