@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/learning.py [--minutes 30] [--out runs/learning]
 
-1. Data: synthetic camouflage scenes (``segr1.data.synth``), 112 px, one object each.
+1. Data: synthetic scenes (``segr1.data.synth``), 112 px, one object each: by default salient and
+   position-coded (``--kind``, ``--position-code``), the scenes on which the tiny policy can learn
+   to localise at all (``benchmarks/localisation.py``). The job prompts with the scenes' own task.
 2. Warm start: ``python -m segr1.sft --random-coords`` teaches the tiny random Qwen2.5-VL the answer
    format (think, box, points, labels) with every coordinate drawn at random, so the warm-started
    policy writes well-formed answers whose boxes have nothing to do with the object.
@@ -26,9 +28,9 @@ step) and once with the trained policy (after the last): the gain there is on im
 trained on, from one and the same starting point.
 
 Last, it prints the image-blind answer: the one box that scores best on average over the training
-scenes. The tiny random policy never learns to look (even supervised with the true boxes it answers
-every image alike, docs/training.md), so what GRPO can reach here is this box, and whether the
-segmentation reward doubles depends on how far below it the seed's random warm start begins.
+scenes, and whether the trained policy beats it on the held-out scenes, that is, whether it looks
+at each image rather than answering where objects tend to be. On camouflage scenes the tiny policy
+cannot look even when supervised; on salient position-coded ones it can (docs/training.md).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segr1.data.synth import KINDS
 from segr1.metrics import iou, smeasure
 from segr1.rewards import RewardWeights
 
@@ -77,8 +80,10 @@ def grpo(policy: Path, data: Path, heldout: Path, out: Path, args: argparse.Name
 
     config = load_config("tiny", [
         "--model.path", str(policy), "--sam2.backend", "box", "--data.train", str(data), "--data.eval", str(heldout),
+        "--data.task", KINDS[args.kind],  # the task the warm start was taught on (the records' own)
         "--rollout.group_size", str(args.group_size), "--rollout.max_tokens", "96",
         "--trainer.prompts_per_step", str(args.prompts), "--trainer.steps", str(args.steps),
+        "--trainer.mode", args.mode,
         "--learner.lr", str(args.lr), "--learner.lr_schedule", args.lr_schedule, "--learner.min_lr_ratio", "0.1",
         "--learner.micro_batch_size", "32", "--grpo.kl_coef", str(args.kl_coef),
         # An eval period past the run loads the held-out prompts; they are scored below, before and after.
@@ -177,12 +182,17 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per GRPO step")
     parser.add_argument("--steps", type=int, default=500, help="GRPO steps, unless the budget ends first")
+    parser.add_argument("--mode", choices=("sync", "async"), default="sync",
+                        help="async: the next step's rollouts run while the learner trains (one step off-policy)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
                         help="cosine: down to 0.1 x lr at --steps")
     parser.add_argument("--policy-pixels", type=int, default=112 * 112,
                         help="the policy sees each scene resized to this many pixels (28 x 28 per image token)")
     parser.add_argument("--seed", type=int, default=0, help="draws the scenes, the tiny model and the sampling")
+    parser.add_argument("--kind", choices=("salient", "camouflage"), default="salient", help="synthetic scene kind")
+    parser.add_argument("--position-code", action=argparse.BooleanOptionalAction, default=True,
+                        help="scenes whose green and blue channels give each pixel's column and row")
     parser.add_argument("--kl-coef", type=float, default=0.0, help="KL to the warm start (the paper uses 0.04)")
     args = parser.parse_args()
     started = time.monotonic()
@@ -192,8 +202,9 @@ def main() -> None:
     from segr1.tiny import build_qwen
 
     data, heldout = args.out / "data", args.out / "heldout"
-    write_synth(data, args.records, 112, seed=args.seed, overwrite=True)
-    write_synth(heldout, HELDOUT, 112, seed=args.seed + 10_000, overwrite=True)  # scenes GRPO never trains on
+    scenes = {"kind": args.kind, "position_code": args.position_code}
+    write_synth(data, args.records, 112, seed=args.seed, overwrite=True, **scenes)
+    write_synth(heldout, HELDOUT, 112, seed=args.seed + 10_000, overwrite=True, **scenes)  # never trained on
     policy = warm_start(build_qwen(seed=args.seed), data, args.out, args)
     sft_s = time.monotonic() - started
     print(f"warm start (SFT, random coordinates, {args.sft_steps} steps): {sft_s:.0f} s", flush=True)
@@ -217,8 +228,8 @@ def main() -> None:
     print(f"held-out ({HELDOUT} unseen scenes, greedy): reward {before['eval_reward']:.3f} -> "
           f"{after['eval_reward']:.3f}, IoU {before['eval_iou']:.3f} -> {after['eval_iou']:.3f} "
           "(warm start -> after GRPO)")
-    train_masks = np.stack([record.mask for record in synth_records(args.records, 112, seed=args.seed)])
-    heldout_masks = np.stack([record.mask for record in synth_records(HELDOUT, 112, seed=args.seed + 10_000)])
+    train_masks = np.stack([record.mask for record in synth_records(args.records, 112, args.seed, **scenes)])
+    heldout_masks = np.stack([record.mask for record in synth_records(HELDOUT, 112, args.seed + 10_000, **scenes)])
     box = blind_box(train_masks)
     blind, blind_heldout = blind_scores(box, train_masks), blind_scores(box, heldout_masks)
     print(f"image-blind answer, the one box best on average over the training scenes {list(box)}: "
@@ -228,6 +239,9 @@ def main() -> None:
     ratio = last["segmentation"] / max(first["segmentation"], 1e-9)
     verdict = "met" if ratio >= 2 and total_min <= args.minutes else "NOT met"
     print(f"goal (segmentation reward at least doubles within {args.minutes:g} min): {verdict}, x{ratio:.2f}")
+    looks = "yes" if after["eval_iou"] > blind_heldout["iou"] else "no"
+    print(f"does the trained policy look at each image (held-out IoU above the image-blind box's)? {looks}: "
+          f"{after['eval_iou']:.3f} vs {blind_heldout['iou']:.3f}")
     print(f"reward curve: {curve}")
 
 

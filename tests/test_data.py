@@ -349,6 +349,37 @@ def test_synth_masks_are_exact_and_sized(size):
     assert 8.0 < np.mean(shifts) < 40.0
 
 
+@pytest.mark.parametrize("size", [16, (64, 32), 112])
+def test_salient_scenes_split_at_one_brightness(size):
+    for seed in range(25):
+        scene = make_scene(np.random.default_rng(seed), size, kind="salient")
+        brightness = scene.image.astype(float).mean(axis=2)
+        # The dimmest object pixel outshines the brightest background pixel in every scene.
+        assert brightness[scene.mask].min() > brightness[~scene.mask].max() + 10
+        assert 0.05 <= scene.mask.mean() <= 0.40
+    record = next(iter(synth_records(1, 16, seed=3, kind="salient")))
+    assert (record.id, record.task) == ("synthetic-salient-3-0000000", "sod")
+
+
+@pytest.mark.parametrize("kind", ["camouflage", "salient"])
+def test_position_code_writes_brightness_column_and_row(kind):
+    plain = make_scene(np.random.default_rng(7), (50, 30), kind=kind)
+    coded = make_scene(np.random.default_rng(7), (50, 30), kind=kind, position_code=True)
+    np.testing.assert_array_equal(coded.mask, plain.mask)  # same scene, only recoloured
+    red = np.rint(plain.image.astype(float).mean(axis=2))
+    np.testing.assert_array_equal(coded.image[..., 0], red)
+    assert coded.image[0, :, 1].tolist() == np.rint(np.arange(50) * 255 / 49).tolist()  # green: the column
+    assert coded.image[:, 0, 2].tolist() == np.rint(np.arange(30) * 255 / 29).tolist()  # blue: the row
+    np.testing.assert_array_equal(coded.image[..., 1:], coded.background[..., 1:])  # whatever the scene
+    assert next(iter(synth_records(1, 16, kind=kind, position_code=True))).id.endswith("-xy-0-0000000")
+
+
+def test_synth_rejects_an_unknown_kind_before_writing(tmp_path: Path):
+    with pytest.raises(ValueError, match="kind must be one of .*'zebra'"):
+        write_synth(tmp_path / "syn", 3, 16, kind="zebra")
+    assert not (tmp_path / "syn").exists()
+
+
 def test_synth_cli_writes_a_dataset(tmp_path: Path):
     out = tmp_path / "syn"
     proc = subprocess.run(
@@ -357,13 +388,25 @@ def test_synth_cli_writes_a_dataset(tmp_path: Path):
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "wrote 5 synthetic records (40x40, seed 2) in 3 shards" in proc.stdout
+    assert "wrote 5 synthetic camouflage records (40x40, seed 2) in 3 shards" in proc.stdout
     stored = _read_all(out)
     for got, want in zip(stored, synth_records(5, 40, seed=2), strict=True):
         assert got.id == want.id
         np.testing.assert_array_equal(got.mask, want.mask)  # masks are lossless
         # JPEG q95 4:4:4 on sensor-like grain: about 3 grey levels.
         assert np.abs(got.image.astype(int) - want.image).mean() < 4.0
+
+
+def test_synth_cli_writes_salient_position_coded_scenes(tmp_path: Path):
+    out = tmp_path / "syn"
+    code = main(["synth", "--out", str(out), "--count", "3", "--size", "32", "--kind", "salient",
+                 "--position-code"])
+    assert code == 0
+    manifest = read_manifest(out)
+    assert (manifest["kind"], manifest["position_code"], manifest["tasks"]) == ("salient", True, {"sod": 3})
+    for got, want in zip(_read_all(out), synth_records(3, 32, kind="salient", position_code=True), strict=True):
+        assert got.id == want.id
+        np.testing.assert_array_equal(got.mask, want.mask)
 
 
 # -- reader ----------------------------------------------------------------------------------

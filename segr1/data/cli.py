@@ -10,7 +10,7 @@ from segr1.data.layouts import LAYOUTS, PairSource, parse_layout_spec, parse_pai
 from segr1.data.prepare import prepare_dataset
 from segr1.data.records import DatasetError
 from segr1.data.shards import DEFAULT_ROWS_PER_SHARD
-from segr1.data.synth import write_synth
+from segr1.data.synth import KINDS, write_synth
 
 
 def parse_size(text: str) -> tuple[int, int] | None:
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--count", type=int, required=True, help="number of records")
     synth.add_argument("--size", type=parse_size, default=(768, 768), help="N or WxH (default 768)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--kind", choices=sorted(KINDS), default="camouflage",
+                       help="camouflage (task cod, the default) or salient (task sod)")
+    synth.add_argument("--position-code", action="store_true",
+                       help="red: brightness, green: column, blue: row (for tiny policies; docs/data.md)")
     synth.add_argument("--rows-per-shard", type=int, default=DEFAULT_ROWS_PER_SHARD)
     synth.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
     return parser
@@ -105,13 +109,16 @@ def _synth(args: argparse.Namespace) -> None:
         args.count,
         args.size,
         args.seed,
+        kind=args.kind,
+        position_code=args.position_code,
         rows_per_shard=args.rows_per_shard,
         overwrite=args.overwrite,
         progress=True,
     )
     width, height = manifest["size"]
     print(
-        f"wrote {manifest['count']} synthetic records ({width}x{height}, seed {args.seed}) "
+        f"wrote {manifest['count']} synthetic {args.kind} records ({width}x{height}, seed {args.seed}"
+        f"{', position-coded' if args.position_code else ''}) "
         f"in {len(manifest['shards'])} shards to {args.out}"
     )
 

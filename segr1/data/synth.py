@@ -1,10 +1,20 @@
-"""`segr1 data synth`: a synthetic camouflaged-object dataset with exact masks.
+"""`segr1 data synth`: synthetic camouflaged- or salient-object datasets with exact masks.
 
-Each scene is a textured background (smoothed multi-octave noise or warped stripes in two related
-colours) with one object, an ellipse, a smooth blob or a polygon, filled with the same kind of
-texture at a slightly different scale and a slightly shifted colour: hard to see, but separable.
-The object is pasted without blending, so the mask is exactly the set of pixels that came from the
-object layer. Record i depends only on (seed, i), so a larger dataset extends a smaller one.
+Each scene is a textured background (smoothed multi-octave noise or warped stripes) with one
+object, an ellipse, a smooth blob or a polygon, filled with a texture of the same kind. The object
+is pasted without blending, so the mask is exactly the set of pixels that came from the object
+layer. Record i depends only on (seed, i), so a larger dataset extends a smaller one.
+
+- ``camouflage`` (task ``cod``): the object's texture is the background's at a slightly different
+  scale and a slightly shifted colour: hard to see, but separable.
+- ``salient`` (task ``sod``): a bright object on a dark background, whatever their colours, so
+  one fixed brightness threshold separates them.
+
+``position_code`` rewrites a scene so that its pixels say where they are: red carries the
+scene's brightness, green the column (0 at the left edge, 255 at the right) and blue the row.
+Qwen2.5-VL has no absolute position embedding, and a tiny random one cannot learn in minutes to
+turn its rotary attention into coordinates; with the code, an image token's own colour says where
+it is. The learning benchmark trains its tiny policy on such scenes (docs/training.md).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from segr1.data.records import Record
 from segr1.data.shards import DEFAULT_ROWS_PER_SHARD, ShardWriter
 
 MIN_SIZE = 16
+KINDS = {"camouflage": "cod", "salient": "sod"}  # scene kind: the task its records carry
 OBJECT_FRACTION = (0.05, 0.40)  # guaranteed range of mask area / image area
 _TARGET_FRACTION = (0.07, 0.35)  # sampled target, inside the guarantee to absorb rasterisation
 
@@ -139,9 +150,25 @@ def _object_mask(rng: np.random.Generator, width: int, height: int) -> np.ndarra
     return mask
 
 
-def make_scene(rng: np.random.Generator, size: int | tuple[int, int]) -> Scene:
-    """One camouflage scene drawn from `rng`."""
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"synthetic scene kind must be one of {sorted(KINDS)}, got {kind!r}")
+    return kind
+
+
+def make_scene(
+    rng: np.random.Generator, size: int | tuple[int, int], kind: str = "camouflage", position_code: bool = False
+) -> Scene:
+    """One scene of `kind` drawn from `rng`, optionally position-coded (see the module docstring)."""
     width, height = _as_size(size)
+    make = _camouflage_scene if _check_kind(kind) == "camouflage" else _salient_scene
+    scene = make(rng, width, height)
+    if not position_code:
+        return scene
+    return Scene(image=_position_code(scene.image), mask=scene.mask, background=_position_code(scene.background))
+
+
+def _camouflage_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
     kind = str(rng.choice(["noise", "stripes"]))
     # Texture scale follows the image size, but never below a few pixels, where stripes would alias.
     scale = max(6.0, rng.uniform(0.06, 0.15) * min(width, height))
@@ -160,24 +187,65 @@ def make_scene(rng: np.random.Generator, size: int | tuple[int, int]) -> Scene:
     return Scene(image=image, mask=mask, background=background)
 
 
-def synth_record(index: int, size: int | tuple[int, int] = 768, seed: int = 0) -> Record:
-    """Record `index` of the synthetic dataset of `seed` (independent of any other index)."""
-    scene = make_scene(np.random.default_rng([seed, index]), size)
+# Channel ranges of the salient kind: the object's darkest texture value (SALIENT_OBJECT[0]) is
+# 40 above the background's brightest (sum of SALIENT_BACKGROUND's upper ends), far beyond the grain.
+SALIENT_BACKGROUND = ((10.0, 60.0), (0.0, 60.0))  # low colour, then how far high lies above it
+SALIENT_OBJECT = ((160.0, 215.0), (0.0, 40.0))
+
+
+def _salient_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
+    kind = str(rng.choice(["noise", "stripes"]))
+    scale = max(6.0, rng.uniform(0.06, 0.15) * min(width, height))
+    angle = rng.uniform(0, np.pi)
+
+    def colours(ranges: tuple[tuple[float, float], tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+        low = rng.uniform(*ranges[0], 3).astype(np.float32)
+        return low, np.clip(low + rng.uniform(*ranges[1], 3), 0, 255).astype(np.float32)
+
+    background = _texture(rng, width, height, kind, scale, angle, colours(SALIENT_BACKGROUND))
+    obj_layer = _texture(rng, width, height, kind, scale * rng.uniform(0.55, 0.85), angle, colours(SALIENT_OBJECT))
+    mask = _object_mask(rng, width, height)
+    image = np.where(mask[..., None], obj_layer, background)
+    return Scene(image=image, mask=mask, background=background)
+
+
+def _position_code(image: np.ndarray) -> np.ndarray:
+    """Red: the image's brightness (mean of its channels); green: the column; blue: the row."""
+    height, width, _ = image.shape
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    coded = np.stack(
+        [image.astype(np.float32).mean(axis=2), 255 * cols / max(width - 1, 1), 255 * rows / max(height - 1, 1)],
+        axis=2,
+    )
+    return np.clip(np.rint(coded), 0, 255).astype(np.uint8)
+
+
+def synth_record(
+    index: int, size: int | tuple[int, int] = 768, seed: int = 0, kind: str = "camouflage",
+    position_code: bool = False,
+) -> Record:
+    """Record `index` of the synthetic dataset of (`seed`, `kind`, `position_code`), independent of
+    any other index. Ids name the kind and the code, except the original camouflage ones."""
+    scene = make_scene(np.random.default_rng([seed, index]), size, kind, position_code)
+    name = "synthetic" + ("" if kind == "camouflage" else f"-{kind}") + ("-xy" if position_code else "")
     return Record(
-        id=f"synthetic-{seed}-{index:07d}",
+        id=f"{name}-{seed}-{index:07d}",
         source="synthetic",
-        task="cod",
+        task=KINDS[kind],
         image=scene.image,
         mask=scene.mask,
     )
 
 
-def synth_records(count: int, size: int | tuple[int, int] = 768, seed: int = 0) -> Iterator[Record]:
-    """`count` synthetic camouflaged-object records, in memory (images exact, not JPEG-coded)."""
+def synth_records(
+    count: int, size: int | tuple[int, int] = 768, seed: int = 0, kind: str = "camouflage",
+    position_code: bool = False,
+) -> Iterator[Record]:
+    """`count` synthetic records, in memory (images exact, not JPEG-coded)."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
-    for index in range(count):
-        yield synth_record(index, size, seed)
+    _check_kind(kind)  # here, not on the first record: nothing is written for a bad kind
+    return (synth_record(index, size, seed, kind, position_code) for index in range(count))
 
 
 def write_synth(
@@ -186,18 +254,22 @@ def write_synth(
     size: int | tuple[int, int] = 768,
     seed: int = 0,
     *,
+    kind: str = "camouflage",
+    position_code: bool = False,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Write `synth_records(count, size, seed)` as a dataset (images JPEG q95, masks exact PNG);
-    returns the manifest."""
+    """Write `synth_records(count, size, seed, kind, position_code)` as a dataset (images JPEG q95,
+    masks exact PNG); returns the manifest."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     width, height = _as_size(size)
+    records = synth_records(count, (width, height), seed, kind, position_code)
     with ShardWriter(out_dir, rows_per_shard=rows_per_shard, overwrite=overwrite) as writer:
-        records = synth_records(count, (width, height), seed)
         bar = tqdm(records, total=count, unit="img", desc="synth", disable=None if progress else True)
         for record in bar:
             writer.write(record)
-        return writer.finish({"created_by": "segr1 data synth", "seed": seed})
+        return writer.finish(
+            {"created_by": "segr1 data synth", "seed": seed, "kind": kind, "position_code": position_code}
+        )
