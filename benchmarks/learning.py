@@ -4,7 +4,7 @@
 
 1. Data: synthetic scenes (``segr1.data.synth``), 112 px, one object each: by default salient and
    position-coded (``--kind``, ``--position-code``), the scenes on which the tiny policy can learn
-   to localise at all (``benchmarks/localisation.py``). The job prompts with the scenes' own task.
+   to localise at all (``benchmarks/localisation.py``).
 2. Warm start: ``python -m segr1.sft --random-coords`` teaches the tiny random Qwen2.5-VL the answer
    format (think, box, points, labels) with every coordinate drawn at random, so the warm-started
    policy writes well-formed answers whose boxes have nothing to do with the object.
@@ -46,7 +46,6 @@ from pathlib import Path
 
 import numpy as np
 
-from segr1.data.synth import KINDS
 from segr1.metrics import iou, smeasure
 from segr1.rewards import RewardWeights
 
@@ -80,7 +79,6 @@ def grpo(policy: Path, data: Path, heldout: Path, out: Path, args: argparse.Name
 
     config = load_config("tiny", [
         "--model.path", str(policy), "--sam2.backend", "box", "--data.train", str(data), "--data.eval", str(heldout),
-        "--data.task", KINDS[args.kind],  # the task the warm start was taught on (the records' own)
         "--rollout.group_size", str(args.group_size), "--rollout.max_tokens", "96",
         "--trainer.prompts_per_step", str(args.prompts), "--trainer.steps", str(args.steps),
         "--trainer.mode", args.mode,

@@ -1,6 +1,6 @@
 """Can the tiny policy localise at all? Supervised on the true boxes, per kind of synthetic scene.
 
-    .venv/bin/python benchmarks/localisation.py [--steps 600] [--records 1024] [--out runs/localisation]
+    .venv/bin/python benchmarks/localisation.py [--steps 400] [--records 1024] [--out runs/localisation]
 
 For each kind of scene (camouflage and salient, each plain and position-coded, ``segr1.data.synth``)
 it warm-starts the tiny random Qwen2.5-VL with ``python -m segr1.sft`` on the *true* boxes and
@@ -79,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/localisation"))
     parser.add_argument("--records", type=int, default=1024, help="training scenes per kind")
-    parser.add_argument("--steps", type=int, default=600, help="SFT steps of 16 scenes")
+    parser.add_argument("--steps", type=int, default=400, help="SFT steps of 16 scenes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

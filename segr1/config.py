@@ -49,7 +49,8 @@ class DataConfig:
 
     train: str = "synthetic"
     eval: str | None = None
-    task: Literal["cod", "sod", "dis", "refer", "reason"] = "cod"
+    # The task every prompt is asked as; null asks each record as its own task (its `task` field).
+    task: Literal["cod", "sod", "dis", "refer", "reason"] | None = None
     synthetic_count: int = 64
     synthetic_eval_count: int = 8
     image_size: int = 768

@@ -62,7 +62,7 @@ class PromptSource:
 
     def _issue(self, record: Record) -> IssuedPrompt:
         task = self.task or record.task
-        expression = self._expression(record) if task in TEXT_TASKS else None
+        expression = self._expression(record, task) if task in TEXT_TASKS else None
         item = PromptItem(
             group_id=f"{self.prefix}{self.issued}:{record.id}",
             record_id=record.id,
@@ -74,10 +74,10 @@ class PromptSource:
         self.issued += 1
         return IssuedPrompt(item=item, mask=self.put(np.ascontiguousarray(record.mask)))
 
-    def _expression(self, record: Record) -> str:
+    def _expression(self, record: Record, task: str) -> str:
         """One of the record's expressions, chosen by the issue count so it is reproducible."""
         if not record.texts:
-            raise ValueError(f"record {record.id!r} has no expression for task {self.task!r}")
+            raise ValueError(f"record {record.id!r} has no expression for task {task!r}")
         return record.texts[self.issued % len(record.texts)]
 
     def _render(self, task: str, expression: str | None) -> str:

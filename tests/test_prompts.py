@@ -77,3 +77,25 @@ def test_render_prompt_with_the_tiny_qwen_processor():
     assert text.count("<|image_pad|>") == 1
     assert "<|vision_end|>Identify and segment the red car.\n" in text
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_prompt_source_asks_each_record_as_its_own_task_unless_told():
+    from transformers import AutoProcessor
+
+    from segr1.data import Record
+    from segr1.prompt_source import PromptSource
+    from segr1.tiny import build_qwen
+
+    processor = AutoProcessor.from_pretrained(build_qwen())
+    image, mask = np.zeros((28, 28, 3), np.uint8), np.ones((28, 28), bool)
+    records = [Record(id=f"r{i}", source="s", task=task, image=image, mask=mask) for i, task in enumerate(["sod", "cod"])]
+    own = PromptSource(iter(records), processor).next(2)
+    assert [p.item.task for p in own] == ["sod", "cod"]
+    assert "most salient object" in own[0].item.prompt and "camouflaged" in own[1].item.prompt
+    forced = PromptSource(iter(records), processor, task="cod").next(2)
+    assert [p.item.task for p in forced] == ["cod", "cod"]
+    assert forced[0].item.prompt == own[1].item.prompt
+    refer = Record(id="x", source="s", task="cod", image=image, mask=mask)
+    with pytest.raises(ValueError, match="record 'x' has no expression for task 'refer'"):
+        PromptSource(iter([refer]), processor, task="refer").next(1)
