@@ -27,7 +27,7 @@ import numpy as np
 from learning import HELDOUT, blind_box, blind_scores
 
 SIZE = 112
-KINDS = (("camouflage", False), ("camouflage", True), ("salient", False), ("salient", True))
+SCENES = (("camouflage", False), ("camouflage", True), ("salient", False), ("salient", True))
 
 
 def supervised(model: Path, data: Path, out: Path, args: argparse.Namespace) -> Path:
@@ -88,7 +88,7 @@ def main() -> None:
 
     model = build_qwen(seed=args.seed)
     rows = []
-    for kind, coded in KINDS:
+    for kind, coded in SCENES:
         started = time.monotonic()
         name = kind + ("-xy" if coded else "")
         out = args.out / name
