@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segr1.data.synth import KINDS
 from segr1.metrics import iou, smeasure
 from segr1.rewards import RewardWeights
 
@@ -188,7 +189,7 @@ def main() -> None:
     parser.add_argument("--policy-pixels", type=int, default=112 * 112,
                         help="the policy sees each scene resized to this many pixels (28 x 28 per image token)")
     parser.add_argument("--seed", type=int, default=0, help="draws the scenes, the tiny model and the sampling")
-    parser.add_argument("--kind", choices=("salient", "camouflage"), default="salient", help="synthetic scene kind")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="salient", help="synthetic scene kind")
     parser.add_argument("--position-code", action=argparse.BooleanOptionalAction, default=True,
                         help="scenes whose green and blue channels give each pixel's column and row")
     parser.add_argument("--kl-coef", type=float, default=0.0, help="KL to the warm start (the paper uses 0.04)")

@@ -168,11 +168,23 @@ def make_scene(
     return Scene(image=_position_code(scene.image), mask=scene.mask, background=_position_code(scene.background))
 
 
-def _camouflage_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
+def _texture_style(rng: np.random.Generator, width: int, height: int) -> tuple[str, float, float]:
+    """The background's texture kind, scale and stripe angle; the object's is drawn relative to them."""
     kind = str(rng.choice(["noise", "stripes"]))
     # Texture scale follows the image size, but never below a few pixels, where stripes would alias.
     scale = max(6.0, rng.uniform(0.06, 0.15) * min(width, height))
-    angle = rng.uniform(0, np.pi)
+    return kind, scale, rng.uniform(0, np.pi)
+
+
+def _paste_object(rng: np.random.Generator, background: np.ndarray, obj_layer: np.ndarray) -> Scene:
+    """Cut an object shape out of `obj_layer` and paste it, unblended, onto `background`."""
+    height, width, _ = background.shape
+    mask = _object_mask(rng, width, height)
+    return Scene(image=np.where(mask[..., None], obj_layer, background), mask=mask, background=background)
+
+
+def _camouflage_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
+    kind, scale, angle = _texture_style(rng, width, height)
     low = rng.uniform(40, 200, 3).astype(np.float32)
     high = np.clip(low + rng.uniform(-90, 90, 3), 0, 255).astype(np.float32)
     background = _texture(rng, width, height, kind, scale, angle, (low, high))
@@ -182,9 +194,7 @@ def _camouflage_scene(rng: np.random.Generator, width: int, height: int) -> Scen
     obj_scale = scale * rng.uniform(0.55, 0.85)
     obj_angle = angle + rng.uniform(-0.35, 0.35)
     obj_layer = _texture(rng, width, height, kind, obj_scale, obj_angle, obj_colours)
-    mask = _object_mask(rng, width, height)
-    image = np.where(mask[..., None], obj_layer, background)
-    return Scene(image=image, mask=mask, background=background)
+    return _paste_object(rng, background, obj_layer)
 
 
 # Channel ranges of the salient kind: the object's darkest texture value (SALIENT_OBJECT[0]) is
@@ -194,9 +204,7 @@ SALIENT_OBJECT = ((160.0, 215.0), (0.0, 40.0))
 
 
 def _salient_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
-    kind = str(rng.choice(["noise", "stripes"]))
-    scale = max(6.0, rng.uniform(0.06, 0.15) * min(width, height))
-    angle = rng.uniform(0, np.pi)
+    kind, scale, angle = _texture_style(rng, width, height)
 
     def colours(ranges: tuple[tuple[float, float], tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
         low = rng.uniform(*ranges[0], 3).astype(np.float32)
@@ -204,9 +212,7 @@ def _salient_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
 
     background = _texture(rng, width, height, kind, scale, angle, colours(SALIENT_BACKGROUND))
     obj_layer = _texture(rng, width, height, kind, scale * rng.uniform(0.55, 0.85), angle, colours(SALIENT_OBJECT))
-    mask = _object_mask(rng, width, height)
-    image = np.where(mask[..., None], obj_layer, background)
-    return Scene(image=image, mask=mask, background=background)
+    return _paste_object(rng, background, obj_layer)
 
 
 def _position_code(image: np.ndarray) -> np.ndarray:
