@@ -15,7 +15,8 @@ serial anyway.
 The behaviour log-probs returned are vLLM's default "raw" log-probs: log-softmax of the model's
 logits over the full vocabulary, before temperature, top-p or the vision-token mask. That is
 exactly what the learner computes for the same tokens, so the importance ratio is 1 when
-weights match.
+weights match, and it is the distribution sampled only at temperature 1 and top-p 1: GRPO training
+refuses other values (``segr1.config.validate``); evaluation samples as it likes.
 """
 
 from __future__ import annotations
@@ -133,6 +134,9 @@ class RolloutActor:
         hf_config = self.llm.llm_engine.model_config.hf_config
         self._vision_ids = vision_token_ids(self._tokenizer, hf_config)
         self._allowed = allowed_token_ids(self._tokenizer, hf_config)
+        self._image_token_id = int(hf_config.image_token_id)
+        vision = hf_config.vision_config
+        self._frame_factor = int(vision.patch_size) * int(vision.spatial_merge_size)
 
     def _engine_kwargs(self) -> dict[str, Any]:
         s = self.settings
@@ -215,6 +219,7 @@ class RolloutActor:
         return [self._group_of(item, out, version) for item, out in zip(items, outputs)]
 
     def _group_of(self, item: PromptItem, out: Any, version: int) -> RolloutGroup:
+        self._check_frame(item, out.prompt_token_ids)
         completions = []
         for c in sorted(out.outputs, key=lambda c: c.index):
             ids = [int(t) for t in c.token_ids]
@@ -225,16 +230,32 @@ class RolloutActor:
             completions.append(Completion(ids, text, logprobs, str(c.finish_reason)))
         return RolloutGroup(item, list(out.prompt_token_ids), completions, version, self._name)
 
+    def _check_frame(self, item: PromptItem, prompt_ids: list[int]) -> None:
+        """The engine resized the image to the prompt's ``policy_size``, or the answers would be
+        read in another frame than the one the policy saw: its image tokens tell its grid."""
+        width, height = item.policy_size
+        expected = (width // self._frame_factor) * (height // self._frame_factor)
+        seen = sum(1 for t in prompt_ids if t == self._image_token_id)
+        if seen != expected:
+            raise ValueError(
+                f"record {item.record_id}: the engine turned the image into {seen} image tokens, but the "
+                f"prompt's policy frame {width}x{height} means {expected}; the driver and the engines "
+                "resize images with different min_pixels/max_pixels"
+            )
+
     # ------------------------------------------------------------------ weight sync
 
-    def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int) -> list[int]:
-        """Join the learner's weight group (blocks until every rank has); returns this engine's ranks."""
+    def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, secret: str) -> list[int]:
+        """Join the learner's weight group (blocks until every rank has); returns this engine's ranks.
+
+        ``secret``: the job's, which the group's store asks of every member (it is not kept here).
+        """
         backend = "nccl" if self._on_gpu else "gloo"
         with self._lock:
             ranks = self.llm.collective_rpc(
                 "segr1_join_weight_group",
                 args=(host, int(port), int(rank_offset), int(world_size), backend, _node_ip(),
-                      float(self.settings.weight_sync_timeout_s)),
+                      float(self.settings.weight_sync_timeout_s), secret),
             )
             self._group = (host, int(port), int(world_size))
         return [int(r) for r in ranks]
@@ -281,11 +302,6 @@ def _to_pil(item: PromptItem, image: Any) -> Any:
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(
             f"record {item.record_id}: image must be uint8 HxWx3 RGB, got {array.dtype} {array.shape}"
-        )
-    if (array.shape[1], array.shape[0]) != tuple(item.policy_size):
-        raise ValueError(
-            f"record {item.record_id}: image is {array.shape[1]}x{array.shape[0]} but the prompt says "
-            f"the policy sees {item.policy_size[0]}x{item.policy_size[1]}"
         )
     return Image.fromarray(array)
 
@@ -386,11 +402,12 @@ class RolloutPool:
         """Ranks of the weight group: the learner's sender plus every engine worker."""
         return 1 + len(self.actors) * self.settings.tensor_parallel_size
 
-    def join_weight_group(self, host: str, port: int) -> list[Any]:
-        """Refs of every actor joining the group at ``host:port``; run with the sender's join."""
+    def join_weight_group(self, host: str, port: int, secret: str) -> list[Any]:
+        """Refs of every actor joining the group at ``host:port`` with the job's ``secret``; run
+        with the sender's join."""
         tp = self.settings.tensor_parallel_size
         return [
-            actor.join_weight_group.remote(host, port, 1 + i * tp, self.world_size)
+            actor.join_weight_group.remote(host, port, 1 + i * tp, self.world_size, secret)
             for i, actor in enumerate(self.actors)
         ]
 

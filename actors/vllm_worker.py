@@ -31,12 +31,17 @@ class WeightSyncWorkerExtension:
         backend: str,
         local_host: str,
         timeout_s: float,
+        secret: str,
     ) -> int:
-        """Join (or re-join, replacing the old group) as rank ``rank_offset + self.rank``."""
+        """Join (or re-join, replacing the old group) as rank ``rank_offset + self.rank``.
+
+        ``secret`` is the job's, proven to the group's store; it arrives as an argument of this
+        call only, never through the environment.
+        """
         self._segr1_group = None  # drop the previous group before building the next one
         rank = rank_offset + self.rank  # type: ignore[attr-defined]
         self._segr1_group = join_group(
-            host, port, rank, world_size, backend, local_host=local_host, timeout_s=timeout_s
+            host, port, rank, world_size, backend, secret=secret, local_host=local_host, timeout_s=timeout_s
         )
         return rank
 

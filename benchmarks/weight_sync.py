@@ -20,9 +20,7 @@ Modes:
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import socket
 import statistics
 import sys
 import time
@@ -34,6 +32,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segr1.rendezvous import RendezvousServer, new_secret  # noqa: E402
 from segr1.weight_sync import WeightGroup, join_group, plan_buckets, receive_buckets, send_buckets  # noqa: E402
 
 
@@ -68,13 +67,11 @@ def _time_once(group: WeightGroup, fn) -> float:
     return time.perf_counter() - start
 
 
-def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
+def _run_rank(rank: int, world: int, port: int, secret: str, args: argparse.Namespace, results) -> None:
     torch.set_num_threads(1)
     model = synthetic_model(args.layers, args.hidden, seed=0 if rank == 0 else 1)  # receivers start different
     dest = dict(model)
-    timeout = datetime.timedelta(seconds=600)
-    store = dist.TCPStore("127.0.0.1", port, None, rank == 0, timeout, wait_for_workers=False) if rank == 0 else None
-    group = join_group("127.0.0.1", port, rank, world, "gloo", store=store, timeout_s=600)
+    group = join_group("127.0.0.1", port, rank, world, "gloo", secret=secret, timeout_s=600)
     total = sum(t.numel() * t.element_size() for _, t in model)
     flat = torch.empty(total, dtype=torch.uint8)
 
@@ -123,12 +120,6 @@ def _run_rank(rank: int, world: int, port: int, args: argparse.Namespace, result
         results["tensors"] = len(model)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=96)
@@ -140,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     world = 1 + args.receivers
+    secret = new_secret()
+    server = RendezvousServer("127.0.0.1", secret)  # the group's store, served from this process
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_run_rank, args=(world, _free_port(), args, results), nprocs=world, join=True)
+        mp.spawn(_run_rank, args=(world, server.port, secret, args, results), nprocs=world, join=True)
         results = dict(results)
+    server.close()
 
     gb = results["bytes"] / 1e9
     print(f"model: {results['tensors']} tensors, {results['bytes'] / 2**20:.0f} MiB float32; "

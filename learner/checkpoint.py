@@ -1,6 +1,8 @@
-"""Checkpoint layout, atomic publication, and the per-rank RNG state.
+"""Checkpoint layout, publication under a run's storage, and the per-rank RNG state.
 
-A checkpoint root holds one directory per saved step plus a ``latest`` file naming the newest::
+A checkpoint root (``<trainer.output_dir>/checkpoints``, a ``segr1.storage.Storage``: a shared
+path or a ``pyarrow.fs`` URI) holds one directory per saved step plus a ``latest`` file naming
+the newest::
 
     root/
       latest                  "step_12"
@@ -9,10 +11,12 @@ A checkpoint root holds one directory per saved step plus a ``latest`` file nami
         client_state.json     the caller's state (data position, step, weight version)
         rng_rank0.json ...    each rank's torch / numpy / python RNG state
 
-Every rank writes into ``step_N.tmp``; only after all of them are done does rank 0 rename it to
-``step_N`` and replace ``latest`` (temp file + ``os.replace``), so a crash at any point leaves the
-previous checkpoint as the one ``latest`` names. DeepSpeed's files are torch pickles: they are
-written by this code, and only ever loaded from a directory this code published.
+Every rank writes into ``step_N.tmp`` (straight into it on a path; on a URI into a local staging
+folder it then uploads); only after all of them are done does rank 0 move it to ``step_N`` and
+replace ``latest``, so a crash at any point leaves the previous checkpoint as the one ``latest``
+names. The learner's ranks find and read checkpoints themselves: the driver's disk may not hold
+them. DeepSpeed's files are torch pickles: they are written by this code, and only ever loaded
+from a directory this code published.
 """
 
 from __future__ import annotations
@@ -20,17 +24,21 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from segr1.storage import Storage
+
 LATEST = "latest"
 CLIENT_STATE = "client_state.json"
 DEEPSPEED_TAG = "deepspeed"
 TMP_SUFFIX = ".tmp"
+_STEP = re.compile(r"step_\d+")
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)")
 
 
 class CheckpointError(RuntimeError):
@@ -43,6 +51,10 @@ def step_name(step: int) -> str:
     return f"step_{step}"
 
 
+def tmp_name(name: str) -> str:
+    return f"{name}{TMP_SUFFIX}"
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temp sibling, flush it to disk, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
@@ -53,56 +65,58 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_client_state(step_dir: Path, client_state: dict[str, Any]) -> None:
+def client_state_text(client_state: dict[str, Any]) -> str:
     try:
-        text = json.dumps(client_state, indent=2, sort_keys=True)
+        return json.dumps(client_state, indent=2, sort_keys=True) + "\n"
     except TypeError as exc:
         raise ValueError(f"client_state must be JSON-serialisable: {exc}") from exc
-    write_text_atomic(step_dir / CLIENT_STATE, text + "\n")
 
 
-def read_client_state(step_dir: Path) -> dict[str, Any]:
-    path = step_dir / CLIENT_STATE
+def read_client_state(root: Storage, name: str) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(root.read_text(f"{name}/{CLIENT_STATE}"))
     except FileNotFoundError:
-        raise CheckpointError(f"{step_dir}: no {CLIENT_STATE}; not a complete segr1 checkpoint") from None
+        raise CheckpointError(f"{root.path(name)}: no {CLIENT_STATE}; not a complete segr1 checkpoint") from None
     except ValueError as exc:
-        raise CheckpointError(f"{path}: unreadable JSON: {exc}") from exc
+        raise CheckpointError(f"{root.path(name)}/{CLIENT_STATE}: unreadable JSON: {exc}") from exc
 
 
-def publish(tmp_dir: Path, root: Path, name: str) -> Path:
-    """Rename a finished ``tmp_dir`` to ``root/name`` and point ``latest`` at it."""
-    final = root / name
-    if final.exists():
+def publish(root: Storage, name: str, client_state: dict[str, Any]) -> str:
+    """Add the caller's state to the finished ``name.tmp``, move it to ``name``, point ``latest`` at it."""
+    tmp = tmp_name(name)
+    root.write_text(f"{tmp}/{CLIENT_STATE}", client_state_text(client_state))
+    if root.exists(name):
         # Saving the same step again (e.g. after a resume): move the old one aside first, since a
         # directory rename cannot replace a non-empty directory.
-        stale = root / f".{name}.replaced.{os.getpid()}"
-        shutil.rmtree(stale, ignore_errors=True)
-        final.rename(stale)
-        tmp_dir.rename(final)
-        shutil.rmtree(stale, ignore_errors=True)
+        stale = f".{name}.replaced.{os.getpid()}"
+        root.move(name, stale)
+        root.move(tmp, name)
+        root.delete(stale)
     else:
-        tmp_dir.rename(final)
-    write_text_atomic(root / LATEST, name + "\n")
-    return final
+        root.move(tmp, name)
+    root.write_text(LATEST, name + "\n")
+    return root.path(name)
 
 
-def resolve(path: str | Path) -> Path:
-    """The step directory to load: ``path`` itself, or the one its ``latest`` file names."""
-    path = Path(path)
-    latest = path / LATEST
-    if latest.is_file():
-        name = latest.read_text().strip()
-        if not name or "/" in name or name.startswith("."):
-            raise CheckpointError(f"{latest}: does not name a step directory: {name!r}")
-        path = path / name
-    if not (path / CLIENT_STATE).is_file() or not (path / DEEPSPEED_TAG).is_dir():
+def latest(root: Storage) -> str | None:
+    """The step directory ``latest`` names under ``root``, checked complete; None if there is none yet."""
+    try:
+        name = root.read_text(LATEST).strip()
+    except FileNotFoundError:
+        return None
+    if not _STEP.fullmatch(name):
+        raise CheckpointError(f"{root.path(LATEST)}: does not name a step directory: {name!r}")
+    if not root.exists(f"{name}/{CLIENT_STATE}") or not root.exists(f"{name}/{DEEPSPEED_TAG}"):
         raise CheckpointError(
-            f"{path}: not a complete segr1 checkpoint (needs {CLIENT_STATE} and {DEEPSPEED_TAG}/, "
-            f"or a {LATEST} file naming such a directory)"
+            f"{root.path(name)}: not a complete segr1 checkpoint (needs {CLIENT_STATE} and {DEEPSPEED_TAG}/)"
         )
-    return path
+    return name
+
+
+def rank_needs(relative: str, rank: int) -> bool:
+    """Whether ``rank`` reads this checkpoint file: shared files and its own shard and RNG only."""
+    match = _RANK_FILE.search(relative)
+    return match is None or int(match.group(1)) == rank
 
 
 def rng_state() -> dict[str, Any]:

@@ -9,8 +9,9 @@ its part in one call, and combines what comes back::
     group.save_checkpoint("runs/x/checkpoints", {"step": 1, "weight_version": 1, "data": ...})
     group.shutdown()
 
-Actors are named ``<name_prefix>-<rank>`` (``learner-0`` ...). Rank 0 picks the rendezvous
-(its node's address, a free port) and holds the weight sender.
+Actors are named ``<name_prefix>-<rank>`` (``learner-0`` ...). Rank 0 serves the rendezvous
+(on its node's address only, at a port the OS picks, open to holders of the group's secret) and
+holds the weight sender.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from learner import checkpoint as ckpt
 from learner.inputs import MicroBatch, plan_micro_batches
 from learner.worker import LearnerSettings, LearnerWorker, read_deepspeed_overrides
 from segr1.ray_cluster import RolePlacement, RoleRequest, role_placement
+from segr1.rendezvous import new_secret
 from segr1.schema import TrainSample
+from segr1.storage import Storage, StorageError
 
 # Metrics that are rank sums already weighted by micro-batch share (they add up to batch values).
 _SHARE_WEIGHTED = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "dual_clip_frac", "ratio_mean")
@@ -66,9 +69,12 @@ class LearnerGroup:
             ).remote(settings, rank, self.world_size)
             for rank in range(self.world_size)
         ]
+        # The job's secret: DeepSpeed's store and the weight group's ask every member for it. It
+        # travels only as arguments of Ray calls (never the environment, a command line or a log).
+        self.secret = new_secret()
         try:
-            addr, port = ray.get(self.workers[0].master_address.remote())
-            self.info = ray.get([w.setup.remote(addr, port) for w in self.workers])
+            addr, port = ray.get(self.workers[0].master_address.remote(self.secret))
+            self.info = ray.get([w.setup.remote(addr, port, self.secret) for w in self.workers])
         except Exception:
             self.shutdown()
             raise
@@ -120,11 +126,13 @@ class LearnerGroup:
             raise RuntimeError(f"learner ranks disagree on the weights: {sorted(digests)}")
         return digests.pop()
 
-    def export_hf(self, out_dir: str | Path) -> Path:
-        """Write the policy as a Hugging Face directory (safetensors) that transformers and vLLM load."""
-        return Path(self._all("export_hf", str(out_dir))[0])
+    def export_hf(self, location: str | Path) -> str:
+        """Write the policy as a Hugging Face directory (safetensors, config, tokenizer, the processor
+        with the run's image bounds) that transformers and vLLM load; a path or a URI."""
+        return str(self._all("export_hf", Storage(location).location)[0])
 
     def weight_sync_address(self) -> tuple[str, int]:
+        """Where the next weight group forms; its members prove ``self.secret`` there."""
         import ray
 
         return tuple(ray.get(self.workers[0].weight_sync_address.remote()))  # type: ignore[return-value]
@@ -157,29 +165,47 @@ class LearnerGroup:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, root: str | Path, client_state: dict[str, Any]) -> Path:
-        """Write ``root/step_N`` (N = ``client_state["step"]``, else the optimizer step count) atomically."""
+    def check_storage(self, location: str | Path) -> None:
+        """Prove every rank reads what this process writes under ``location``; raise StorageError
+        naming the location and the rank otherwise (call it before training, not after a day)."""
         import ray
 
-        root = Path(root)
+        storage = Storage(location)
+        probe, token = storage.write_probe()
+        try:
+            self._all("check_storage", storage.location, probe, token)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, StorageError):
+                raise StorageError(str(exc.cause)) from None
+            raise
+        finally:
+            storage.delete(probe)
+
+    def save_checkpoint(self, root: str | Path, client_state: dict[str, Any]) -> str:
+        """Write ``root/step_N`` (N = ``client_state["step"]``, else the optimizer step count) atomically;
+        ``root`` is a path every rank shares or a URI. Returns the step directory's location."""
+        import ray
+
+        location = Storage(root).location
         step = client_state.get("step")
         if step is None:
             step = ray.get(self.workers[0].global_steps.remote())
         name = ckpt.step_name(int(step))
-        tmp = root / f"{name}{ckpt.TMP_SUFFIX}"
-        self._all("save_checkpoint", str(tmp))
+        self._all("save_checkpoint", location, name)
         state = dict(client_state)
         state.setdefault("weight_version", self.weight_version)
-        return Path(ray.get(self.workers[0].publish_checkpoint.remote(str(tmp), str(root), name, state)))
+        return str(ray.get(self.workers[0].publish_checkpoint.remote(location, name, state)))
 
-    def load_checkpoint(self, path: str | Path) -> dict[str, Any] | None:
-        """Restore from ``path`` (a root with ``latest``, or a step directory); None if there is none yet."""
-        path = Path(path)
-        if not (path / ckpt.LATEST).is_file() and not (path / ckpt.CLIENT_STATE).is_file():
+    def load_checkpoint(self, root: str | Path) -> dict[str, Any] | None:
+        """Restore the step ``root/latest`` names, as the ranks see ``root`` (the driver's disk may not
+        hold it); None if there is none yet."""
+        import ray
+
+        location = Storage(root).location
+        name = ray.get(self.workers[0].latest_checkpoint.remote(location))
+        if name is None:
             return None
-        step_dir = ckpt.resolve(path)
-        states = self._all("load_checkpoint", str(step_dir))
-        state = states[0]
+        state = self._all("load_checkpoint", location, name)[0]
         if "weight_version" in state:
             self.weight_version = int(state["weight_version"])
         return state

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from segr1.prompts import pixel_bounds
-from segr1.schema import TrainSample
+from segr1.schema import TrainSample, prompt_digest
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class PromptInputs:
     mm_token_type_ids: torch.Tensor  # [P] int64, 1 at image-pad positions (drives M-RoPE)
     pixel_values: torch.Tensor  # [patches, channels * temporal * patch * patch]
     image_grid_thw: torch.Tensor  # [1, 3]
+    sha256: str  # prompt_digest(input_ids), compared with the rollout engine's
 
 
 @dataclass
@@ -109,7 +110,26 @@ def process_prompt(processor: Any, prompt: str, image: np.ndarray, group_id: str
         mm_token_type_ids=out["mm_token_type_ids"][0].long(),
         pixel_values=out["pixel_values"],
         image_grid_thw=out["image_grid_thw"].long(),
+        sha256=prompt_digest(out["input_ids"][0].tolist()),
     )
+
+
+def check_engine_prompt(sample: TrainSample, prompt: PromptInputs) -> None:
+    """Refuse a sample whose rollout engine saw another prompt than the learner just built.
+
+    The log-probs are only comparable when both sides hold the same tokens; the usual cause of a
+    difference is an image resized to another grid (other min/max_pixels), so the prompt expands
+    into another number of image pads. Samples without engine tokens (SFT) are not checked.
+    """
+    length, digest = len(prompt.input_ids), prompt.sha256
+    if (sample.prompt_length is not None and sample.prompt_length != length) or (
+        sample.prompt_sha256 is not None and sample.prompt_sha256 != digest
+    ):
+        raise ValueError(
+            f"group {sample.group_id}: the rollout engine's prompt has {sample.prompt_length} tokens "
+            f"(sha256 {str(sample.prompt_sha256)[:12]}) but the learner's has {length} ({digest[:12]}); "
+            "the learner must use the engines' processor and image bounds (model.min_pixels/max_pixels)"
+        )
 
 
 class PromptCache:
@@ -140,6 +160,7 @@ class PromptCache:
                 self._entries.popitem(last=False)
         else:
             self._entries.move_to_end(key)
+        check_engine_prompt(sample, entry)
         return entry
 
 

@@ -3,14 +3,19 @@
 A sync from the driver's point of view (the learner's Ray actor wraps these calls)::
 
     host, port = sender.address()                    # once, and again whenever the group changes
-    # concurrently: sender.join(world_size)  and  actor.join_weight_group(host, port, offset, world_size)
+    # concurrently: sender.join(world_size)  and  actor.join_weight_group(host, port, offset, world_size, secret)
     plan = sender.plan(weight_meta)                  # JSON-able; the same for every sync of a model
     # concurrently: sender.send(named_tensors, version)  and  actor.receive_weights(plan, version)
 
 Rank 0 of the group is this sender; rollout engine workers take ranks 1..world_size-1 (an actor
 with tensor-parallel size t takes t consecutive ranks from its offset). Each ``address()`` after
 a ``join`` opens a fresh rendezvous store on a new port, so re-forming the group (an actor
-restarted, actors were added) never meets a stale store or a half-torn-down group.
+restarted, actors were added) never meets a stale store or a half-torn-down group; the store of
+the group it replaces is closed at that ``join``.
+
+The store (``segr1.rendezvous.RendezvousServer``) listens on ``host`` only, and every member,
+this sender included, proves ``secret`` to it: the job's secret, which the learner group hands
+to the sender and the driver hands to the rollout actors through Ray calls.
 """
 
 from __future__ import annotations
@@ -19,12 +24,12 @@ from collections.abc import Iterable
 
 import torch
 
+from segr1.rendezvous import RendezvousServer, new_secret
 from segr1.weight_sync import (
     DEFAULT_BUCKET_BYTES,
     BucketPlan,
     WeightGroup,
     join_group,
-    open_store,
     plan_buckets,
     send_buckets,
 )
@@ -45,7 +50,11 @@ def weight_meta(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple
 
 
 class WeightSender:
-    """Rank 0 of the learner-to-rollout weight group."""
+    """Rank 0 of the learner-to-rollout weight group.
+
+    ``secret``: the job's secret every member proves to the group's store; a fresh one when not
+    given (a sender outside a job: tests, benchmarks), read back from ``self.secret``.
+    """
 
     def __init__(
         self,
@@ -53,6 +62,7 @@ class WeightSender:
         backend: str | None = None,
         timeout_s: float = 1800.0,
         host: str | None = None,
+        secret: str | None = None,
     ) -> None:
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
@@ -60,28 +70,38 @@ class WeightSender:
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.timeout_s = timeout_s
         self.host = host or node_ip()
-        self._store = None
-        self._port: int | None = None
+        self.secret = new_secret() if secret is None else secret
+        self._next: RendezvousServer | None = None  # opened by address(), used by the next join
+        self._server: RendezvousServer | None = None  # the store of the current group
         self._group: WeightGroup | None = None
         self._plan: BucketPlan | None = None
 
     def address(self) -> tuple[str, int]:
         """The rendezvous the next ``join`` uses; opens a fresh one if the last was consumed."""
-        if self._store is None:
-            self._store, self._port = open_store(self.host, self.timeout_s)
-        assert self._port is not None
-        return self.host, self._port
+        if self._next is None:
+            self._next = RendezvousServer(self.host, self.secret)
+        return self.host, self._next.port
 
     def join(self, world_size: int) -> None:
         """Form the group of ``world_size`` ranks (this one is 0); blocks until all have joined."""
         if world_size < 2:
             raise ValueError(f"a weight group needs the sender and at least one receiver, got {world_size}")
-        self.address()
-        store, self._store, self._port = self._store, None, None
+        _, port = self.address()
         self._group = None
+        if self._server is not None:
+            self._server.close()
+        self._server, self._next = self._next, None
         self._group = join_group(
-            self.host, 0, 0, world_size, self.backend, local_host=self.host, store=store, timeout_s=self.timeout_s
+            self.host, port, 0, world_size, self.backend, secret=self.secret, local_host=self.host,
+            timeout_s=self.timeout_s,
         )
+
+    def close(self) -> None:
+        """Close the stores this sender serves (the group itself stays connected until dropped)."""
+        for server in (self._next, self._server):
+            if server is not None:
+                server.close()
+        self._next = self._server = None
 
     @property
     def world_size(self) -> int:

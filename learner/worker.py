@@ -22,8 +22,6 @@ import json
 import math
 import os
 import random
-import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ from learner.inputs import (
     token_logprobs,
 )
 from segr1.grpo import LossSettings, aggregate, entropy_from_logits, grpo_loss
+from segr1.storage import Storage, clear_local
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -189,10 +188,22 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def _bind_gloo_to(address: str) -> None:
+    """Make gloo's default devices (the default group's and every later ``new_group``'s) listen on
+    the interface holding ``address``, not wherever the hostname resolves to.
+
+    Gloo reads ``GLOO_SOCKET_IFNAME`` at each group's creation and binds that interface's first
+    address; a value the user set is kept (they chose the interface).
+    """
+    import psutil
+
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == address for a in addrs):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
+    raise ValueError(f"no network interface holds this node's address {address}; set GLOO_SOCKET_IFNAME")
 
 
 class LearnerWorker:
@@ -209,31 +220,60 @@ class LearnerWorker:
         self.processor: Any = None
         self.cache: PromptCache | None = None
         self.sender: Any = None
+        self._rendezvous: Any = None  # rank 0: the server of the group's store
+        self._store: Any = None  # referenced for as long as the default group uses it
+        self._secret: str | None = None
 
     # ------------------------------------------------------------------ set-up
 
-    def master_address(self) -> tuple[str, int]:
-        """This node's address and a free port for the group's rendezvous (asked of rank 0)."""
+    def master_address(self, secret: str) -> tuple[str, int]:
+        """Rank 0: serve the group's rendezvous on this node's address; returns (host, port).
+
+        The store (``segr1.rendezvous``) listens on that address only, at a port the OS picks,
+        and admits the ranks that prove ``secret``, the job's. It stays up until ``shutdown``:
+        the groups DeepSpeed creates later (``new_group``) form through it too.
+        """
         from learner.weight_sender import node_ip
+        from segr1.rendezvous import RendezvousServer
 
-        host = node_ip()
-        return host, _free_port(host)
+        self._rendezvous = RendezvousServer(node_ip(), secret)
+        return self._rendezvous.host, self._rendezvous.port
 
-    def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
-        """Join the process group and build the engines; returns a short description."""
+    def setup(self, master_addr: str, master_port: int, secret: str) -> dict[str, Any]:
+        """Join the process group through rank 0's rendezvous and build the engines; returns a
+        short description.
+
+        The default group is formed here, over a store that asks for ``secret``; DeepSpeed's
+        ``init_distributed`` then finds torch.distributed initialised and adopts that group, so
+        nothing opens a ``TCPStore`` (which listens on every interface). Rank 0 keeps the secret
+        for its weight sender.
+        """
         import deepspeed
+        from deepspeed.constants import default_pg_timeout
+
+        from learner.weight_sender import node_ip
+        from segr1.rendezvous import RendezvousStore
 
         on_gpu = torch.cuda.is_available()
+        backend = "nccl" if on_gpu else "gloo"
+        # Read by DeepSpeed: ranks for its logging, MASTER_* to name its shared-memory segments.
         os.environ.update({
             "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(self.rank),
             "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0",
         })
+        options: dict[str, Any] = {}
         if on_gpu:
             torch.cuda.set_device(0)  # Ray shows each actor only its own GPU
-        deepspeed.init_distributed(
-            dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False,
-            rank=self.rank, world_size=self.world_size, distributed_port=master_port,
+            if self.world_size > 1:  # as DeepSpeed's own init does: bind the group to the device
+                options["device_id"] = torch.device("cuda", 0)
+        _bind_gloo_to(node_ip())
+        self._secret = secret
+        self._store = RendezvousStore(master_addr, master_port, secret, default_pg_timeout)
+        torch.distributed.init_process_group(
+            backend, store=self._store, rank=self.rank, world_size=self.world_size, timeout=default_pg_timeout,
+            **options,
         )
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         _seed_everything(self.settings.seed)
         self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
         self.bf16 = self.settings.bf16 and (not on_gpu or torch.cuda.is_bf16_supported())
@@ -304,7 +344,27 @@ class LearnerWorker:
     def _batch(self, micro: MicroBatch) -> ModelBatch:
         assert self.cache is not None
         prompts = [self.cache.get(s) for s in micro.samples]
-        return collate(micro.samples, prompts, self.processor.tokenizer.pad_token_id).to(self.device)
+        weights = [0.0] * len(micro.samples) if micro.is_filler else None  # a filler counts no tokens
+        return collate(micro.samples, prompts, self.processor.tokenizer.pad_token_id, weights).to(self.device)
+
+    def _batches(self, micro_batches: list[MicroBatch]) -> list[ModelBatch]:
+        """Every micro-batch's inputs, or on every rank one error that names the refused groups.
+
+        A rank that raised alone would leave the others blocked in their next pass (under ZeRO-3
+        each forward gathers parameters from all ranks), so the ranks share their verdicts first.
+        """
+        batches: list[ModelBatch] = []
+        cause: Exception | None = None
+        try:
+            batches = [self._batch(micro) for micro in micro_batches]
+        except Exception as exc:  # noqa: BLE001 - raised below on every rank, this one's as the cause
+            cause = exc
+        verdicts: list[str | None] = [None] * self.world_size
+        torch.distributed.all_gather_object(verdicts, None if cause is None else f"learner rank {self.rank}: {cause}")
+        refused = [v for v in verdicts if v is not None]
+        if refused:
+            raise ValueError("; ".join(refused)) from cause
+        return batches
 
     def _reference_logprobs(self, batch: ModelBatch) -> torch.Tensor | None:
         if self.reference is None:
@@ -318,8 +378,7 @@ class LearnerWorker:
         out: list[tuple[int, list[float]]] = []
         try:
             with torch.no_grad():
-                for micro in micro_batches:
-                    batch = self._batch(micro)
+                for micro, batch in zip(micro_batches, self._batches(micro_batches)):
                     logp = token_logprobs(completion_logits(self.engine, batch), batch.completion_ids).cpu()
                     for row, index in enumerate(micro.indices):
                         n = len(micro.samples[row].completion_ids)
@@ -359,7 +418,7 @@ class LearnerWorker:
         if objective not in ("grpo", "sft"):
             raise ValueError(f"unknown objective {objective!r}; expected 'grpo' or 'sft'")
         start = time.perf_counter()
-        batches = [self._batch(micro) for micro in micro_batches]
+        batches = self._batches(micro_batches)
         refs = [self._reference_logprobs(b) if objective == "grpo" else None for b in batches]
         iterations = self.settings.iterations_per_batch if objective == "grpo" else 1
         sums: dict[str, float] = {}
@@ -375,7 +434,7 @@ class LearnerWorker:
             self.engine.step()
             norm = self.engine.get_global_grad_norm()  # before clipping
             grad_norm = float(norm) if norm is not None else float("nan")
-        tokens = sum(b.num_tokens for b in batches) * iterations
+        tokens = sum(b.num_tokens for b in batches) * iterations  # fillers weigh 0: real samples only
         completion = sum(b.completion_mask.sum().item() for m, b in zip(micro_batches, batches) if not m.is_filler)
         return {
             **sums,
@@ -393,11 +452,19 @@ class LearnerWorker:
         """SHA-256 of the full weights whose names start with ``prefix`` (collective under ZeRO-3)."""
         return weights_digest(self.engine.module, self.zero3, prefix)
 
-    def export_hf(self, out_dir: str) -> str:
-        """Write a Hugging Face directory of the current policy (rank 0 writes; all ranks gather)."""
-        path = export_hf(self.engine.module, self.processor, out_dir, self.zero3, write=self.rank == 0)
+    def export_hf(self, location: str) -> str:
+        """Write a Hugging Face directory of the current policy to ``location`` (a path or URI; rank 0
+        writes, all ranks gather). The processor goes with it, with the image bounds of this run."""
+        target = Storage(location)
+        local = target.path() if target.is_local else target.staging_dir("export")
+        export_hf(self.engine.module, self.processor, local, self.zero3, write=self.rank == 0)
+        if self.rank == 0 and not target.is_local:
+            parent, name = target.parent()
+            parent.upload(local, ckpt.tmp_name(name))
+            parent.move(ckpt.tmp_name(name), name)
+            clear_local(local)
         torch.distributed.barrier()
-        return str(path)
+        return target.location
 
     def weight_sync_address(self) -> tuple[str, int]:
         """Rank 0: the rendezvous the rollout engines join (a fresh one after each join)."""
@@ -437,45 +504,78 @@ class LearnerWorker:
         if self.sender is None:
             from learner.weight_sender import WeightSender
 
-            self.sender = WeightSender(bucket_bytes=self.settings.sync_bucket_mb << 20)
+            self.sender = WeightSender(bucket_bytes=self.settings.sync_bucket_mb << 20, secret=self._secret)
         return self.sender
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, tmp_dir: str) -> None:
-        """All ranks: write engine states and this rank's RNG into ``tmp_dir`` (published by rank 0)."""
-        path = Path(tmp_dir)
-        if self.rank == 0 and path.exists():
-            shutil.rmtree(path)  # left by a save that crashed: its files may not match this world size
+    def check_storage(self, location: str, probe: str, token: str) -> None:
+        """All ranks: prove this rank reads what the driver wrote under ``location`` (or raise)."""
+        from learner.weight_sender import node_ip
+
+        Storage(location).check_probe(probe, token, who=f"learner rank {self.rank} on node {node_ip()}")
+
+    def save_checkpoint(self, location: str, name: str) -> None:
+        """All ranks: write engine states and this rank's RNG as ``name.tmp`` under ``location``.
+
+        On a path every rank writes into the same folder; on a URI each rank writes a local
+        staging folder of its own and uploads it. Rank 0 publishes afterwards."""
+        root = Storage(location)
+        tmp = ckpt.tmp_name(name)
+        local = root.staging_dir(tmp if root.is_local else f"{tmp}.rank{self.rank}")
+        if self.rank == 0:
+            root.delete(tmp)  # left by a save that crashed: its files may not match this world size
+        if not root.is_local:
+            clear_local(local)
         torch.distributed.barrier()
-        self.engine.save_checkpoint(str(path), tag=ckpt.DEEPSPEED_TAG, client_state={}, save_latest=False)
-        ckpt.save_rng(path, self.rank)
+        self.engine.save_checkpoint(str(local), tag=ckpt.DEEPSPEED_TAG, client_state={}, save_latest=False)
+        ckpt.save_rng(local, self.rank)
+        if not root.is_local:
+            root.upload(local, tmp)
+            clear_local(local)
         torch.distributed.barrier()
 
-    def publish_checkpoint(self, tmp_dir: str, root: str, name: str, client_state: dict) -> str:
+    def publish_checkpoint(self, location: str, name: str, client_state: dict) -> str:
         """Rank 0, after every rank saved: add the caller's state and publish atomically."""
-        ckpt.write_client_state(Path(tmp_dir), client_state)
-        return str(ckpt.publish(Path(tmp_dir), Path(root), name))
+        return ckpt.publish(Storage(location), name, client_state)
 
-    def load_checkpoint(self, step_dir: str) -> dict:
-        """All ranks: restore module, optimizer, scheduler and RNG; returns the caller's state."""
-        path = Path(step_dir)
+    def latest_checkpoint(self, location: str) -> str | None:
+        """Rank 0: the step directory ``latest`` names under ``location``, as this node sees it."""
+        return ckpt.latest(Storage(location))
+
+    def load_checkpoint(self, location: str, name: str) -> dict:
+        """All ranks: restore module, optimizer, scheduler and RNG from ``location/name``; returns
+        the caller's state. On a URI each rank downloads only the files it reads."""
+        root = Storage(location)
+        path = root.staging_dir(name if root.is_local else f"{name}.rank{self.rank}")
+        if not root.is_local:
+            clear_local(path)
+            root.download(name, path, keep=lambda relative: ckpt.rank_needs(relative, self.rank))
         loaded, _ = self.engine.load_checkpoint(
             str(path), tag=ckpt.DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if loaded is None:
-            raise ckpt.CheckpointError(f"{path}: DeepSpeed found no checkpoint to load")
+            raise ckpt.CheckpointError(f"{root.path(name)}: DeepSpeed found no checkpoint to load")
         ckpt.load_rng(path, self.rank)
+        if not root.is_local:
+            clear_local(path)
         torch.distributed.barrier()
-        return ckpt.read_client_state(path)
+        return ckpt.read_client_state(root, name)
 
     def global_steps(self) -> int:
         return int(self.engine.global_steps)
 
     def shutdown(self) -> None:
-        """Leave the process group (lets a new group form in this process, e.g. after SFT)."""
-        self.sender = None
+        """Leave the process group and close the stores (lets a new group form in this process,
+        e.g. after SFT)."""
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+        if self._rendezvous is not None:
+            self._rendezvous.close()
+            self._rendezvous = None
+        self._store = None
 

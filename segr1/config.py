@@ -64,8 +64,8 @@ class RolloutConfig:
     num_gpus_per_actor: int = 1  # also the tensor-parallel size
     num_cpus_per_actor: float = 1.0
     group_size: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # training samples at 1.0 only, see RAW_LOGPROBS
+    top_p: float = 1.0  # likewise 1.0 only
     max_tokens: int = 400
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.6
@@ -186,14 +186,23 @@ def config_dict(config: Config) -> dict:
     return to_dict(config)
 
 
+# Why training samples at temperature 1 and top-p 1 only (evaluation, with its own settings, samples any way).
+RAW_LOGPROBS = (
+    "vLLM returns the raw log-probs of the unscaled full distribution, so under other sampling the "
+    "importance ratio and the KL would not describe what was sampled"
+)
+
+
 def validate(config: Config) -> None:
     """Every cross-field rule in one place; raises ConfigError naming the key."""
     checks = [
         (config.rollout.num_actors >= 1, "rollout.num_actors must be >= 1"),
         (config.rollout.group_size >= 2, "rollout.group_size must be >= 2 (GRPO compares within a group)"),
         (config.rollout.max_tokens >= 1, "rollout.max_tokens must be >= 1"),
-        (config.rollout.temperature > 0, "rollout.temperature must be > 0 for GRPO sampling"),
-        (0 < config.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+        (config.rollout.temperature == 1.0, f"rollout.temperature must be 1.0 for GRPO training, got "
+         f"{config.rollout.temperature}: {RAW_LOGPROBS}"),
+        (config.rollout.top_p == 1.0, f"rollout.top_p must be 1.0 for GRPO training, got {config.rollout.top_p}: "
+         f"{RAW_LOGPROBS}"),
         (config.reward.num_actors >= 1, "reward.num_actors must be >= 1"),
         (0 < config.reward.num_gpus_per_actor <= 8, "reward.num_gpus_per_actor must be in (0, 8]"),
         (config.learner.num_workers >= 1, "learner.num_workers must be >= 1"),

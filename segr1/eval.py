@@ -53,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam2-size", type=_positive, default=None, help="SAM2 input size (default: the config's, 1024)")
     p.add_argument(
         "--policy-size", type=_positive, default=None,
-        help="side of the square image the policy sees (default: 768 for COD/SOD, 1024 for referring/reasoning)",
+        help="side of the square the image is resized to before the policy's processor (default: 768 for "
+        "COD/SOD, 1024 for referring/reasoning); the processor rounds it to its frame (768 -> 756)",
     )
+    p.add_argument("--min-pixels", type=_positive, default=None,
+                   help="policy image bounds (default: the policy's own; an export keeps its run's)")
+    p.add_argument("--max-pixels", type=_positive, default=None, help="see --min-pixels")
     p.add_argument("--limit", type=_positive, default=None, help="evaluate the first N examples of each benchmark")
     p.add_argument("--coco-images", type=Path, default=None, help="COCO train2014 image folder (RefCOCO/+/g)")
     p.add_argument("--reason-texts", choices=("first", "all"), default="first",
@@ -117,6 +121,8 @@ def _runner_settings(args: argparse.Namespace, policy: str, sam2_config: str, sa
         sam2_config=sam2_config,
         sam2_checkpoint=sam2_checkpoint,
         sam2_size=args.sam2_size,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
         rollout_actors=args.rollout_actors,
         reward_actors=args.reward_actors,
         sampling=sampling,
@@ -158,6 +164,8 @@ def recorded_settings(args: argparse.Namespace, settings: Any) -> dict[str, Any]
         "sam2_config": settings.sam2_config,
         "sam2_checkpoint": settings.sam2_checkpoint,
         "sam2_size": settings.sam2_size,
+        "min_pixels": settings.min_pixels,
+        "max_pixels": settings.max_pixels,
         "sampling": asdict(settings.sampling),
         "dtype": settings.dtype,
         "reason_texts": args.reason_texts,

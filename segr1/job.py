@@ -16,6 +16,7 @@ import ray
 from actors.reward import RewardSettings, make_reward_pool
 from actors.rollout import RolloutPool, RolloutSettings, SamplingSettings
 from learner.group import LearnerGroup
+from learner.inputs import load_processor
 from learner.worker import LearnerSettings
 from segr1 import tiny
 from segr1.config import Config, config_dict
@@ -25,7 +26,8 @@ from segr1.monitor import Monitor
 from segr1.pipeline import Pipeline, prompts_per_call
 from segr1.prompt_source import PromptSource
 from segr1.ray_cluster import connect, place_roles, role_requests
-from segr1.trainer import Trainer
+from segr1.storage import Storage, StorageError
+from segr1.trainer import LOG_NAMES, Trainer
 
 log = logging.getLogger("segr1")
 
@@ -45,7 +47,7 @@ class WeightSync:
 
     def _form(self) -> None:
         host, port = self.learner.weight_sync_address()
-        joins = self.rollout.join_weight_group(host, port)
+        joins = self.rollout.join_weight_group(host, port, self.learner.secret)  # the store asks for it
         # The learner blocks until every engine has joined; an engine that died instead would
         # leave it waiting for the group's whole timeout, so watch the joins while it waits.
         pool = ThreadPoolExecutor(max_workers=1)
@@ -73,7 +75,12 @@ class WeightSync:
 
 
 def resolve_model(config: Config) -> str:
-    return str(tiny.build_qwen(seed=config.model.seed)) if config.model.path == "tiny" else config.model.path
+    """The policy to load: the tiny model, a local directory made absolute (the previous stage's
+    ``runs/cod/export`` names the same folder on every node), or a hub id as given."""
+    if config.model.path == "tiny":
+        return str(tiny.build_qwen(seed=config.model.seed))
+    path = Path(config.model.path).expanduser()
+    return str(path.resolve()) if path.exists() else config.model.path
 
 
 def reward_settings(config: Config) -> RewardSettings:
@@ -108,16 +115,34 @@ def dataset_dir(config: Config, out_dir: Path, split: str) -> Path | None:
     return path
 
 
-def build_job(config: Config, out_dir: Path) -> Any:
-    from transformers import AutoProcessor
+def run_dir(storage: Storage, resume: bool) -> Path:
+    """The driver's folder for its logs, samples and generated data: the location itself on a path;
+    on a URI a local mirror that the trainer uploads (``LOG_NAMES``) and a resume downloads first."""
+    if storage.is_local:
+        path = Path(storage.path())
+    else:
+        path = storage.staging_dir("driver")
+        if resume:
+            storage.download("", path, keep=lambda relative: relative.split("/")[0] in LOG_NAMES)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
+
+def build_job(config: Config, output_dir: str | Path) -> Any:
+    """Start every role of the run whose checkpoints and export go under ``output_dir`` (a path,
+    made absolute here, or a pyarrow.fs URI); the learner proves it reaches it before training."""
     from segr1.run import Job
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    storage = Storage(output_dir)
+    model_path = resolve_model(config)
+    config = replace(
+        config, model=replace(config.model, path=model_path), trainer=replace(config.trainer, output_dir=storage.location)
+    )
+    out_dir = run_dir(storage, config.trainer.resume)
     write_yaml(config_dict(config), out_dir / "config.yaml")  # what this run really used
     info = connect(config.ray.address, config.ray.num_cpus, config.ray.dashboard_host, config.ray.dashboard_port)
-    model_path = resolve_model(config)
-    processor = AutoProcessor.from_pretrained(model_path)
+    # The engines' and the learner's bounds: the prompts' answer frame is computed with them.
+    processor = load_processor(model_path, config.model.min_pixels, config.model.max_pixels)
     train_dir = dataset_dir(config, out_dir, "train")
     assert train_dir is not None
     reader = ShardReader(train_dir, shuffle=config.data.shuffle, seed=config.data.seed)
@@ -136,6 +161,26 @@ def build_job(config: Config, out_dir: Path) -> Any:
 
     use_gpus = info.num_gpus > 0
     placements = place_roles(role_requests(config, use_gpus))
+    lc = config.learner
+    learner = LearnerGroup(LearnerSettings(
+        model_path=model_path, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels,
+        num_workers=lc.num_workers, num_gpus_per_worker=lc.num_gpus_per_worker if use_gpus else 0,
+        num_cpus_per_worker=lc.num_cpus_per_worker, zero_stage=lc.zero_stage, bf16=config.model.dtype == "bfloat16",
+        lr=lc.lr, warmup_steps=lc.warmup_steps, lr_schedule=lc.lr_schedule, min_lr_ratio=lc.min_lr_ratio,
+        decay_steps=config.trainer.steps * lc.iterations_per_batch,  # optimizer steps in the whole run
+        weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
+        micro_batch_size=lc.micro_batch_size, iterations_per_batch=lc.iterations_per_batch,
+        gradient_checkpointing=lc.gradient_checkpointing, freeze_vision=lc.freeze_vision,
+        deepspeed_config=lc.deepspeed_config, loss=config.grpo, seed=config.trainer.seed,
+        sync_bucket_mb=lc.sync_bucket_mb,
+    ), placement=placements["learner"])
+    try:  # before the engines start: a location the learner cannot see fails in seconds
+        learner.check_storage(storage.location)
+    except StorageError:
+        learner.shutdown()
+        for placement in placements.values():
+            placement.remove()
+        raise
     r = config.rollout
     rollout = RolloutPool(
         RolloutSettings(
@@ -151,19 +196,6 @@ def build_job(config: Config, out_dir: Path) -> Any:
         reward_settings(config), config.reward.num_actors, max_restarts=config.reward.max_restarts,
         max_in_flight_per_actor=config.reward.max_in_flight_per_actor, placement_group=placements["reward"].placement_group,
     )
-    lc = config.learner
-    learner = LearnerGroup(LearnerSettings(
-        model_path=model_path, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels,
-        num_workers=lc.num_workers, num_gpus_per_worker=lc.num_gpus_per_worker if use_gpus else 0,
-        num_cpus_per_worker=lc.num_cpus_per_worker, zero_stage=lc.zero_stage, bf16=config.model.dtype == "bfloat16",
-        lr=lc.lr, warmup_steps=lc.warmup_steps, lr_schedule=lc.lr_schedule, min_lr_ratio=lc.min_lr_ratio,
-        decay_steps=config.trainer.steps * lc.iterations_per_batch,  # optimizer steps in the whole run
-        weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
-        micro_batch_size=lc.micro_batch_size, iterations_per_batch=lc.iterations_per_batch,
-        gradient_checkpointing=lc.gradient_checkpointing, freeze_vision=lc.freeze_vision,
-        deepspeed_config=lc.deepspeed_config, loss=config.grpo, seed=config.trainer.seed,
-        sync_bucket_mb=lc.sync_bucket_mb,
-    ), placement=placements["learner"])
     weights = WeightSync(learner, rollout)
     sampling = SamplingSettings(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
     pipeline = Pipeline(
@@ -171,6 +203,6 @@ def build_job(config: Config, out_dir: Path) -> Any:
         prompts_per_call(config.trainer.prompts_per_step, r.num_actors, r.max_in_flight_per_actor),
     )
     monitor = Monitor(out_dir, config.trainer.steps)
-    trainer = Trainer(config, pipeline, learner, weights, source, eval_prompts, monitor,
-                      out_dir / "checkpoints", fetch=ray.get)
+    trainer = Trainer(config, pipeline, learner, weights, source, eval_prompts, monitor, storage.location,
+                      fetch=ray.get)
     return Job(trainer, rollout, reward, learner, monitor, list(placements.values()), info.started_locally)

@@ -39,14 +39,39 @@ class SampleView:
 
 
 class Monitor:
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, ray_metrics: bool = True) -> None:
+    def __init__(self, out_dir: Path, total_steps: int, ray_metrics: bool = True) -> None:
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        self._jsonl = open(self._jsonl_path, "a", buffering=1)
         self._tb = _tensorboard(out_dir / "tensorboard")
         self._gauges: dict[str, Any] = {}
         self._ray_metrics = ray_metrics
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    @property
+    def _jsonl_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def resume_at(self, step: int) -> None:
+        """Continue the logs of a run resumed from its step ``step`` checkpoint.
+
+        The stopped run may have logged steps past that checkpoint, which the resumed run logs
+        again: metrics.jsonl is rewritten without records after ``step`` (to a temporary file,
+        then renamed, so a crash here loses nothing), and TensorBoard starts a new event file with
+        ``purge_step`` so its readers drop the older events of those steps. Records of ``step``
+        itself (its train record and any eval record logged with ``advance=False``) stay.
+        """
+        kept = _lines_up_to(self._jsonl_path, step)
+        self._jsonl.close()
+        tmp = self._jsonl_path.with_name(self._jsonl_path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self._jsonl_path)
+        self._jsonl = open(self._jsonl_path, "a", buffering=1)
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = _tensorboard(self.out_dir / "tensorboard", purge_step=step + 1)
+        self._bar.n = step
+        self._bar.refresh()
 
     def log_step(self, step: int, metrics: dict[str, float], advance: bool = True) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -79,6 +104,12 @@ class Monitor:
         os.replace(tmp, final)
         return final
 
+    def flush(self) -> None:
+        """Everything logged so far on disk (before the files are copied elsewhere)."""
+        self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
     def close(self) -> None:
         self._bar.close()
         self._jsonl.close()
@@ -96,13 +127,36 @@ class Monitor:
         self._gauges[metric].set(value)
 
 
-def _tensorboard(path: Path) -> Any:
+def _tensorboard(path: Path, purge_step: int | None = None) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a declared dependency; this only guards broken installs
         log.warning("tensorboard is not importable; writing JSONL logs only")
         return None
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), purge_step=purge_step)
+
+
+def _lines_up_to(path: Path, step: int) -> list[str]:
+    """The lines of a metrics.jsonl whose records are of ``step`` or earlier.
+
+    A last line that does not parse is the one a killed driver was writing and is dropped; any
+    other unreadable line means the file is not a metrics log, and is an error.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError) as exc:
+            if number == len(lines):
+                log.warning("%s: dropping its torn last line %d", path, number)
+                continue
+            raise ValueError(f"{path}: line {number} is not a metrics record ({exc})") from exc
+        if record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")  # the next record starts a line
+    return kept
 
 
 def _plain(value: Any) -> Any:

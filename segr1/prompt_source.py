@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from segr1.data import Record, ShardReader
+from segr1.frames import processor_bounds
 from segr1.prompts import build_messages, render_prompt
 from segr1.schema import PromptItem
 
@@ -29,7 +30,12 @@ class IssuedPrompt:
 
 
 class PromptSource:
-    """Turns records into ``IssuedPrompt``s; ``put`` is ``ray.put`` in a job (identity in tests)."""
+    """Turns records into ``IssuedPrompt``s; ``put`` is ``ray.put`` in a job (identity in tests).
+
+    ``processor`` must carry the image bounds the rollout engines use (``learner.inputs.
+    load_processor``): each prompt's ``policy_size`` is the record's image as that processor
+    resizes it, the frame the policy's answer is read in.
+    """
 
     def __init__(
         self,
@@ -41,6 +47,7 @@ class PromptSource:
     ) -> None:
         self.reader = reader
         self.processor = processor
+        self.bounds = processor_bounds(processor)
         self.task = task
         self.put = put
         self.prefix = prefix
@@ -68,7 +75,7 @@ class PromptSource:
             record_id=record.id,
             prompt=self._render(task, expression),
             image=self.put(np.ascontiguousarray(record.image)),
-            policy_size=(record.image.shape[1], record.image.shape[0]),
+            policy_size=self.bounds.frame((record.image.shape[1], record.image.shape[0])),
             task=task,
         )
         self.issued += 1

@@ -11,11 +11,11 @@ import argparse
 import logging
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from segr1.config import Config, load_config
 from segr1.configtools import ConfigError
+from segr1.storage import StorageError
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.resume:
         config.trainer.resume = True
-    train(config)
+    try:
+        train(config)
+    except StorageError as exc:  # e.g. an output_dir the learner's node cannot see: say what to do
+        print(f"segr1.run: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -72,7 +76,7 @@ def train(config: Config) -> dict[str, float]:
     """Run the job described by ``config``; returns the last step's metrics."""
     from segr1.job import build_job
 
-    job = build_job(config, Path(config.trainer.output_dir))
+    job = build_job(config, config.trainer.output_dir)
     try:
         if config.trainer.resume:
             job.trainer.resume()

@@ -8,6 +8,9 @@ put into the object store once per record by the driver, and read by whoever nee
 
 from __future__ import annotations
 
+import hashlib
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +23,9 @@ class PromptItem:
     record_id: str
     prompt: str
     image: Any  # ObjectRef (or, in-process, the array itself) of a uint8 HxWx3 RGB image
-    policy_size: tuple[int, int]  # (width, height) of the image as the policy sees it
+    # (width, height) of the image as the policy's processor resizes it: the frame of its answers
+    # (segr1.frames), not the stored image's size
+    policy_size: tuple[int, int]
     task: str = "cod"
 
 
@@ -98,6 +103,19 @@ class TrainSample:
     advantage: float
     weight_version: int
     extra: dict[str, float] = field(default_factory=dict)
+    # The rollout engine's prompt (image pads expanded): its length and ``prompt_digest``. The
+    # learner re-tokenises the prompt and refuses a mismatch; None (SFT samples) is not checked.
+    prompt_length: int | None = None
+    prompt_sha256: str | None = None
+
+
+def prompt_digest(token_ids: Sequence[int]) -> str:
+    """SHA-256 of prompt token ids as little-endian int32 bytes.
+
+    One definition for both sides: the rollout's prompt ids are hashed here on the driver and the
+    learner's re-tokenised ids with the same function, so equal prompts give equal digests.
+    """
+    return hashlib.sha256(struct.pack(f"<{len(token_ids)}i", *token_ids)).hexdigest()
 
 
 def train_samples(group: ScoredGroup, advantages: list[float]) -> list[TrainSample]:
@@ -108,6 +126,7 @@ def train_samples(group: ScoredGroup, advantages: list[float]) -> list[TrainSamp
             f"group {rollout.group_id}: {len(advantages)} advantages for "
             f"{len(rollout.completions)} completions"
         )
+    digest = prompt_digest(rollout.prompt_token_ids)
     return [
         TrainSample(
             group_id=rollout.group_id,
@@ -117,6 +136,8 @@ def train_samples(group: ScoredGroup, advantages: list[float]) -> list[TrainSamp
             behavior_logprobs=list(c.logprobs),
             advantage=float(a),
             weight_version=rollout.weight_version,
+            prompt_length=len(rollout.prompt_token_ids),
+            prompt_sha256=digest,
         )
         for c, a in zip(rollout.completions, advantages)
     ]

@@ -27,8 +27,12 @@ from segr1.parser import parse_completion
 from segr1.pipeline import Pipeline, ScoredPrompt
 from segr1.prompt_source import IssuedPrompt, PromptSource
 from segr1.schema import train_samples
+from segr1.storage import Storage, shown
 
 log = logging.getLogger("segr1")
+
+# The driver's files of a run; on a URI output_dir they are uploaded beside the checkpoints.
+LOG_NAMES = ("config.yaml", "metrics.jsonl", "tensorboard", "samples")
 
 
 @dataclass
@@ -50,7 +54,7 @@ class Trainer:
         source: PromptSource,
         eval_prompts: list[IssuedPrompt],
         monitor: Monitor,
-        checkpoints: Path,
+        output_dir: str | Path,  # the run's location: checkpoints/ and export/ go under it
         fetch: Any,  # ray.get in a job: reads an image or mask ref for sample pictures
     ) -> None:
         self.cfg = config
@@ -60,7 +64,8 @@ class Trainer:
         self.source = source
         self.eval_prompts = eval_prompts
         self.monitor = monitor
-        self.checkpoints = checkpoints
+        self.storage = Storage(output_dir)
+        self.checkpoints = self.storage.child("checkpoints").location
         self.fetch = fetch
         self.step = 0
         self.version = 0
@@ -86,6 +91,8 @@ class Trainer:
             log.info("stop requested at step %d", self.step)
         if not self._due(trainer.checkpoint_every):  # else this step's checkpoint is already written
             self.save_checkpoint()
+        self.export()
+        self._upload_logs()  # the last step's records may follow its checkpoint
         return last
 
     def _train_one_step(self) -> dict[str, float]:
@@ -129,7 +136,7 @@ class Trainer:
 
     def _collect_batch(self) -> Batch:
         """The step's groups, dropping stale and (optionally) zero-variance ones and refilling."""
-        trainer, want = self.cfg.trainer, self.cfg.trainer.prompts_per_step
+        want = self.cfg.trainer.prompts_per_step
         batch = Batch(groups=[])
         refills = 0
         while len(batch.groups) < want:
@@ -187,7 +194,8 @@ class Trainer:
             "reward_std_in_group": float(rewards.std(axis=1).mean()),
             **{name: float(np.mean(values)) for name, values in parts.items()},
             "has_prompt": float(np.mean([s.num_boxes + s.num_points > 0 for s in scores])),
-            "completion_tokens": float(np.mean([len(c.token_ids) for g in batch.groups for c in g.group.rollout.completions])),
+            # the mean length; the learner's "completion_tokens" is the batch's sum, not to be overwritten
+            "completion_length": float(np.mean([len(c.token_ids) for g in batch.groups for c in g.group.rollout.completions])),
             "staleness": float(np.mean([self.version - v for v in versions])),
             "dropped_stale": batch.dropped_stale,
             "dropped_zero_variance": batch.dropped_zero_variance,
@@ -239,23 +247,48 @@ class Trainer:
         if views:
             self.monitor.save_samples(self.step + 1, views)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> str:
         state = {"step": self.step, "weight_version": self.version, "data": self.source.state_dict()}
         path = self.learner.save_checkpoint(self.checkpoints, state)
+        self._upload_logs()
         log.info("checkpoint at step %d: %s", self.step, path)
+        return path
+
+    def _upload_logs(self) -> None:
+        """On a URI the driver writes its logs locally (``monitor.out_dir``); copy them beside the
+        checkpoints, so the run's location holds everything a resume elsewhere needs."""
+        if self.storage.is_local:
+            return
+        self.monitor.flush()
+        for name in LOG_NAMES:
+            local = self.monitor.out_dir / name
+            if local.is_dir():
+                self.storage.upload(local, name)
+            elif local.is_file():
+                self.storage.write_text(name, local.read_text())
+
+    def export(self) -> str:
+        """The policy as a Hugging Face directory under ``<output_dir>/export``: the next stage's
+        ``model.path`` and what ``segr1 eval`` and ``vllm serve`` load."""
+        path = self.learner.export_hf(self.storage.child("export").location)
+        log.info("exported the policy at step %d: %s", self.step, shown(path))
         return path
 
     def resume(self) -> bool:
         """Restore step, data position, weight version and learner state from the latest checkpoint.
 
-        False when there is none yet, so a job can always be submitted with ``--resume``."""
+        False when there is none yet, so a job can always be submitted with ``--resume``. Either
+        way the logs are cut back to the step the run continues from: the steps a stopped run
+        logged after its checkpoint are trained and logged again, and must not appear twice."""
         state = self.learner.load_checkpoint(self.checkpoints)
         if state is None:
-            log.info("no checkpoint under %s yet: starting from step 0", self.checkpoints)
+            log.info("no checkpoint under %s yet: starting from step 0", shown(self.checkpoints))
+            self.monitor.resume_at(0)
             return False
         self.step = int(state["step"])
         self.source.load_state_dict(state["data"])
         self.version = self.weights.push(int(state["weight_version"]))
+        self.monitor.resume_at(self.step)
         log.info("resumed at step %d, weight version %d", self.step, self.version)
         return True
 

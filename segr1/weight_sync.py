@@ -12,9 +12,10 @@ on the sender and handed to every receiver with the control call of a sync.
 
 Why a dedicated group: the learner's ranks already form DeepSpeed's default process group, and
 the rollout workers live in other processes (and on other nodes) with vLLM's own groups. A
-``TCPStore`` served from the learner's node plus a ``ProcessGroupGloo`` / ``ProcessGroupNCCL``
-built on it joins learner rank 0 (rank 0) and every rollout engine worker (ranks 1..N) without
-touching anyone's default group.
+rendezvous store served from the learner's node (``segr1.rendezvous``: bound to the address the
+group uses, open only to holders of the job's secret) plus a ``ProcessGroupGloo`` /
+``ProcessGroupNCCL`` built on it joins learner rank 0 (rank 0) and every rollout engine worker
+(ranks 1..N) without touching anyone's default group.
 
 Stream framing: a sync opens with a handshake (the sender announces version and plan digest, all
 ranks vote, so a stale plan fails on every rank at once instead of hanging the sender). Each
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from segr1.rendezvous import RendezvousStore
 
 ALIGN_BYTES = 64  # every tensor starts on a 64-byte boundary, so dtype views of the buffer are legal
 HEADER_BYTES = 64  # each bucket's buffer starts with [status, bucket index] as int64
@@ -312,14 +315,6 @@ class WeightGroup:
         return self._staging[side][:nbytes]
 
 
-def open_store(host: str, timeout_s: float) -> tuple[dist.TCPStore, int]:
-    """Serve a fresh rendezvous store on ``host`` at a port the OS picks; returns it and the port."""
-    store = dist.TCPStore(
-        host, 0, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False
-    )
-    return store, int(store.port)
-
-
 def join_group(
     host: str,
     port: int,
@@ -327,24 +322,25 @@ def join_group(
     world_size: int,
     backend: str,
     *,
+    secret: str,
     local_host: str = "127.0.0.1",
-    store: dist.TCPStore | None = None,
     timeout_s: float = 1800.0,
     prefix: str = "segr1-weights",
 ) -> WeightGroup:
-    """Join the group served at ``host:port`` as ``rank`` of ``world_size``; blocks until all have.
+    """Join the group whose ``RendezvousServer`` is at ``host:port`` as ``rank`` of ``world_size``;
+    blocks until all have.
 
-    ``backend`` is "gloo" (CPU tensors; ``local_host`` is the address this rank's gloo device
-    binds to, reachable from the other ranks) or "nccl" (tensors on the current CUDA device).
-    Rank 0 passes the ``store`` it opened; the others connect to it as clients.
+    Every rank, the server's own included, connects as a client proving ``secret`` (the job's);
+    a wrong one raises ``RendezvousRefused`` here. ``backend`` is "gloo" (CPU tensors;
+    ``local_host`` is the address this rank's gloo device binds to, reachable from the other
+    ranks) or "nccl" (tensors on the current CUDA device).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a group of {world_size}")
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"weight sync backend must be 'gloo' or 'nccl', got {backend!r}")
     timeout = datetime.timedelta(seconds=timeout_s)
-    if store is None:
-        store = dist.TCPStore(host, port, None, False, timeout)
+    store = RendezvousStore(host, port, secret, timeout)
     prefixed = dist.PrefixStore(prefix, store)
     if backend == "gloo":
         opts = dist.ProcessGroupGloo._Options()

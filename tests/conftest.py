@@ -59,11 +59,56 @@ def ray_cluster() -> Iterator[None]:
 
     Four logical CPUs on a 2-core machine: actors ask for fractions, and the tests need rollout,
     reward and learner actors alive at once, not four cores of throughput. Workers inherit this
-    process's environment, including the in-process vLLM switch set above.
+    process's environment, including the in-process vLLM switch set above. Started the way the
+    job starts one (``segr1.ray_cluster``'s single-machine mode): without it Ray takes the
+    machine's network address and its workers listen on every interface.
     """
     import ray
 
+    from segr1.ray_cluster import _single_machine_mode
+
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        with _single_machine_mode():
+            ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_uri() -> Iterator[str]:
+    """A bucket on a local S3 server (moto's, its own process on 127.0.0.1) as a URI pyarrow reads.
+
+    A process of its own: moto's Flask app, imported here, breaks vLLM engines started later in this
+    process ("Working outside of application context"). The test credentials travel in the URI, so
+    Ray workers reach the bucket without environment variables (real runs use the cloud's
+    credential chain, never keys in a URI).
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.fs as pafs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            fs, _ = pafs.FileSystem.from_uri(f"s3://test:test@segr1-test?{options}&allow_bucket_creation=true")
+            fs.create_dir("segr1-test")
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise
+            time.sleep(0.5)
+    yield f"s3://test:test@segr1-test/run?{options}"
+    server.terminate()
+    server.wait(timeout=30)

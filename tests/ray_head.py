@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -182,6 +183,70 @@ def start_ray_head(
         head.stop()
         raise
     return head
+
+
+@dataclass
+class RayNode:
+    """A worker node joined to a ``RayHead``; ``stop()`` ends its process tree."""
+
+    process: subprocess.Popen
+    temp_dir: Path
+    log_path: Path
+
+    def stop(self, timeout_s: float = 30) -> None:
+        try:
+            root = psutil.Process(self.process.pid)
+            leftovers = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            leftovers = []
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # the launcher stops its raylet and workers
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        _, alive = psutil.wait_procs(leftovers, timeout=10)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_ray_node(
+    head: RayHead,
+    num_cpus: float,
+    resources: dict[str, float],
+    hide: Path | None = None,
+    timeout_s: float = 120,
+) -> RayNode:
+    """Join a worker node (a raylet of its own on this machine, ``tests/ray_node.py``) to ``head``.
+
+    ``hide``: the node runs in a mount namespace of its own with an empty tmpfs over that folder,
+    so its processes cannot see what the driver writes there, as a node without the shared mount
+    would not (``unshare -m``; needs root, which this machine and CI have).
+    """
+    temp_dir = Path(tempfile.mkdtemp(prefix="segr1-node-", dir="/tmp"))
+    command = [sys.executable, str(REPO / "tests" / "ray_node.py"), head.gcs_address, str(num_cpus),
+               json.dumps(resources), str(temp_dir)]
+    if hide is not None:
+        hide.mkdir(parents=True, exist_ok=True)
+        script = f"mount -t tmpfs segr1-hidden {shlex.quote(str(hide))} && exec {shlex.join(command)}"
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+    log_path = temp_dir / "node.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, env=head.client_env(), cwd=temp_dir, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    node = RayNode(process, temp_dir, log_path)
+    deadline = time.monotonic() + timeout_s
+    while "Ray runtime started" not in log_path.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            text = log_path.read_text()[-4000:]
+            node.stop()
+            raise RuntimeError(f"worker node did not start:\n{text}")
+        time.sleep(0.5)
+    return node
 
 
 def _wait_ready(head: RayHead, timeout_s: float) -> None:

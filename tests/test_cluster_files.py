@@ -3,7 +3,6 @@ plus segr1.ray_cluster's placement helpers (pure parts fast, on a real local Ray
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import shlex

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,12 @@ import pytest
 import torch
 
 from learner import checkpoint as ckpt
-from learner.inputs import PromptCache, collate, completion_logits, plan_micro_batches, token_logprobs
+from learner.inputs import PromptCache, collate, completion_logits, plan_micro_batches, process_prompt, token_logprobs
 from learner.worker import LearnerSettings, deepspeed_config, lr_factor
 from segr1.grpo import LossSettings, grpo_loss
 from segr1.prompts import build_messages, render_prompt
-from segr1.schema import TrainSample
+from segr1.schema import TrainSample, prompt_digest
+from segr1.storage import Storage
 
 TEXT_VOCAB = 1024  # the tiny tokenizer's BPE ids; special and vision tokens come after
 
@@ -113,29 +115,45 @@ def test_lr_schedule_warms_up_then_holds_or_follows_a_cosine_to_its_floor():
 # Checkpoint files
 
 
-def test_checkpoint_publish_resolve_and_replace(tmp_path):
-    def fake_step(name: str, marker: str) -> Path:
-        tmp = tmp_path / f"{name}{ckpt.TMP_SUFFIX}"
+def test_checkpoint_publish_latest_and_replace(tmp_path):
+    root = Storage(tmp_path)
+
+    def fake_step(name: str, marker: str) -> None:
+        tmp = tmp_path / ckpt.tmp_name(name)
         (tmp / ckpt.DEEPSPEED_TAG).mkdir(parents=True)
         (tmp / ckpt.DEEPSPEED_TAG / "marker").write_text(marker)
-        ckpt.write_client_state(tmp, {"step": marker})
-        return tmp
 
-    with pytest.raises(ckpt.CheckpointError, match="not a complete segr1 checkpoint"):
-        ckpt.resolve(tmp_path)
-    ckpt.publish(fake_step("step_1", "a"), tmp_path, "step_1")
-    ckpt.publish(fake_step("step_2", "b"), tmp_path, "step_2")
+    assert ckpt.latest(root) is None  # nothing yet: a run submitted with --resume starts at 0
+    fake_step("step_1", "a")
+    assert ckpt.publish(root, "step_1", {"step": "a"}) == str(tmp_path / "step_1")
+    fake_step("step_2", "b")
+    ckpt.publish(root, "step_2", {"step": "b"})
     assert (tmp_path / ckpt.LATEST).read_text().strip() == "step_2"
-    assert ckpt.resolve(tmp_path) == tmp_path / "step_2"
-    assert ckpt.resolve(tmp_path / "step_1") == tmp_path / "step_1"
-    ckpt.publish(fake_step("step_1", "c"), tmp_path, "step_1")  # saving a step again replaces it
-    assert ckpt.read_client_state(tmp_path / "step_1") == {"step": "c"}
+    assert ckpt.latest(root) == "step_2"
+    fake_step("step_1", "c")
+    ckpt.publish(root, "step_1", {"step": "c"})  # saving a step again replaces it
+    assert ckpt.read_client_state(root, "step_1") == {"step": "c"}
+    assert (tmp_path / "step_1" / ckpt.DEEPSPEED_TAG / "marker").read_text() == "c"
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.LATEST, "step_1", "step_2"]
     (tmp_path / ckpt.LATEST).write_text("../elsewhere")
     with pytest.raises(ckpt.CheckpointError, match="does not name a step directory"):
-        ckpt.resolve(tmp_path)
+        ckpt.latest(root)
+    (tmp_path / ckpt.LATEST).write_text("step_9")
+    with pytest.raises(ckpt.CheckpointError, match="step_9: not a complete segr1 checkpoint"):
+        ckpt.latest(root)
     with pytest.raises(ValueError, match="JSON-serialisable"):
-        ckpt.write_client_state(tmp_path, {"bad": object()})
+        ckpt.client_state_text({"bad": object()})
+
+
+def test_each_rank_downloads_only_its_own_shards():
+    files = ["client_state.json", "rng_rank0.json", "rng_rank1.json", "deepspeed/mp_rank_00_model_states.pt",
+             "deepspeed/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "deepspeed/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+             "deepspeed/zero_pp_rank_11_mp_rank_00_model_states.pt"]
+    assert [f for f in files if ckpt.rank_needs(f, 1)] == [
+        "client_state.json", "rng_rank1.json", "deepspeed/mp_rank_00_model_states.pt",
+        "deepspeed/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
 
 
 def test_rng_state_round_trips_through_json(tmp_path):
@@ -208,6 +226,27 @@ def test_prompt_cache_names_the_group_of_a_bad_image(tiny_processor):
         cache.get(two)
 
 
+def test_prompt_cache_refuses_a_sample_whose_engine_prompt_differs(tiny_processor):
+    prompt = render_prompt(tiny_processor, build_messages("cod"))
+    image = np.random.default_rng(2).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    ids = process_prompt(tiny_processor, prompt, image, "g").input_ids.tolist()
+
+    def sample(group: str, length: int | None, digest: str | None) -> TrainSample:
+        return replace(_sample(group, 3, image=image, prompt=prompt), prompt_length=length, prompt_sha256=digest)
+
+    cache = PromptCache(tiny_processor)
+    cache.get(sample("same", len(ids), prompt_digest(ids)))
+    cache.get(sample("sft", None, None))  # no engine tokens (an SFT sample): nothing to check
+    with pytest.raises(ValueError, match=rf"group longer: the rollout engine's prompt has {len(ids) + 1} tokens"):
+        cache.get(sample("longer", len(ids) + 1, prompt_digest(ids)))
+    other = ids[:3] + [ids[3] + 1] + ids[4:]  # same length, one token differs
+    with pytest.raises(ValueError, match=rf"group other: .* but the learner's has {len(ids)} .*min_pixels/max_pixels"):
+        cache.get(sample("other", len(ids), prompt_digest(other)))
+    # a cached prompt is checked again for every sample of its group
+    with pytest.raises(ValueError, match="group same: the rollout engine's prompt"):
+        cache.get(sample("same", len(ids), prompt_digest(other)))
+
+
 # ----------------------------------------------------------------------------------------------
 # Real DeepSpeed ranks in Ray actors
 
@@ -273,6 +312,12 @@ def _reference_grad_norm(
     return float(loss.detach()), float(norm)
 
 
+def _real_tokens(processor, samples: list[TrainSample]) -> int:
+    """Prompt plus completion tokens of the samples, the prompts as the learner's processor builds them."""
+    cache = PromptCache(processor)
+    return sum(len(cache.get(s).input_ids) + len(s.completion_ids) for s in samples)
+
+
 def _check_grpo_step(group, samples, tiny_qwen_dir, tiny_processor) -> list[TrainSample]:
     """One step: direction, exact KL 0, loss and grad norm of the whole batch. Returns the batch."""
     before = group.compute_logprobs(samples)
@@ -290,7 +335,8 @@ def _check_grpo_step(group, samples, tiny_qwen_dir, tiny_processor) -> list[Trai
     expected = -sum(a * n for a, n in zip(ADVANTAGES, LENGTHS)) / sum(LENGTHS)
     assert metrics["loss"] == pytest.approx(expected, abs=1e-5) and loss_ref == pytest.approx(expected, abs=1e-5)
     assert metrics["grad_norm"] == pytest.approx(norm_ref, rel=1e-4)
-    assert metrics["tokens"] > sum(LENGTHS) and metrics["tokens_per_s"] > 0 and metrics["entropy"] > 0
+    assert metrics["tokens"] == _real_tokens(tiny_processor, batch) and metrics["tokens_per_s"] > 0
+    assert metrics["entropy"] > 0
     after = group.compute_logprobs(samples)
     for adv, lp0, lp1 in zip(ADVANTAGES, before, after):
         change = float(np.mean(lp1) - np.mean(lp0))
@@ -308,7 +354,7 @@ def test_zero2_grpo_step_moves_log_probs_and_resumes_exactly(
     try:
         next_batch = _check_grpo_step(group, grpo_batch, tiny_qwen_dir, tiny_processor)
         path = group.save_checkpoint(tmp_path, {"step": 1, "data": {"position": 6}})
-        assert path == tmp_path / "step_1" and (tmp_path / "latest").read_text().strip() == "step_1"
+        assert path == str(tmp_path / "step_1") and (tmp_path / "latest").read_text().strip() == "step_1"
         uninterrupted = group.train_step(next_batch)
         digest = group.weights_digest()
         state = group.load_checkpoint(tmp_path)  # back to step 1 in the same ranks: optimizer too
@@ -321,6 +367,49 @@ def test_zero2_grpo_step_moves_log_probs_and_resumes_exactly(
         assert resumed["lr"] == pytest.approx(2e-3 * lr_factor(1, group.settings)) and lr_factor(1, group.settings) < 1
     finally:
         group.shutdown()
+
+
+@pytest.mark.slow
+def test_checkpoints_on_s3_resume_in_new_ranks(ray_local, tiny_qwen_dir, grpo_batch, s3_uri):
+    """Two ranks stage and upload their own files; fresh ranks download only theirs and continue
+    exactly as the uninterrupted run (weights and loss), with no local folder left behind."""
+    from learner.group import LearnerGroup
+
+    root = f"{s3_uri.replace('/run?', '/learner-s3/checkpoints?')}"
+    settings = replace(_settings(tiny_qwen_dir, 2, "test-s3"), loss=LossSettings())
+    group = LearnerGroup(settings)
+    try:
+        group.train_step(grpo_batch)
+        assert "step_1" in group.save_checkpoint(root, {"step": 1})
+        uninterrupted = group.train_step(grpo_batch)
+        digest = group.weights_digest()
+    finally:
+        group.shutdown()
+    group = LearnerGroup(settings)
+    try:
+        assert group.load_checkpoint(root) == {"step": 1, "weight_version": 0}
+        resumed = group.train_step(grpo_batch)
+        assert group.weights_digest() == digest and resumed["loss"] == uninterrupted["loss"]
+    finally:
+        group.shutdown()
+    assert not Storage(root).staging_dir("step_1.rank0").exists()
+
+
+@pytest.mark.slow
+def test_tokens_leave_out_the_filler_of_a_rank_with_less_work(ray_local, tiny_qwen_dir, tiny_processor, grpo_batch):
+    from learner.group import LearnerGroup
+
+    samples = [grpo_batch[2], grpo_batch[1], grpo_batch[5]]  # 9, 3 and 2 completion tokens
+    settings = replace(_settings(tiny_qwen_dir, 2, "test-fillers"), micro_batch_size=1, loss=LossSettings())
+    # one rank runs the 9-token sample, the other the 3 and the 2: the first adds a filler pass
+    assert sum(m.is_filler for plan in plan_micro_batches(samples, 2, 1) for m in plan) == 1
+    group = LearnerGroup(settings)
+    try:
+        metrics = group.train_step(samples)
+    finally:
+        group.shutdown()
+    assert metrics["tokens"] == _real_tokens(tiny_processor, samples)
+    assert metrics["completion_tokens"] == 9 + 3 + 2
 
 
 @pytest.mark.slow
@@ -345,7 +434,7 @@ def test_zero3_resume_in_new_ranks_and_export_matches_vllm(
         resumed = group.train_step(next_batch)
         assert group.weights_digest() == digest
         assert resumed["loss"] == uninterrupted["loss"] and resumed["grad_norm"] == uninterrupted["grad_norm"]
-        exported = group.export_hf(tmp_path / "export")
+        exported = Path(group.export_hf(tmp_path / "export"))
         _check_weight_sync_sends_the_exported_weights(group, exported)
         _check_vllm_matches_learner(exported, group, grpo_batch)
     finally:
@@ -363,7 +452,7 @@ def _check_weight_sync_sends_the_exported_weights(group, model_dir: Path) -> Non
     host, port = group.weight_sync_address()
     with ThreadPoolExecutor(max_workers=1) as pool:
         joined = pool.submit(group.init_weight_sync, host, port, 2)  # blocks until we join too
-        receiver = join_group(host, port, 1, 2, "gloo", timeout_s=300)
+        receiver = join_group(host, port, 1, 2, "gloo", secret=group.secret, timeout_s=300)
         plan = BucketPlan.from_json(joined.result(timeout=300))
         sent = pool.submit(group.broadcast_weights, 1)
         received = {name: tensor.clone() for name, tensor in receive_buckets(receiver, plan, 1)}
@@ -378,7 +467,11 @@ def _check_weight_sync_sends_the_exported_weights(group, model_dir: Path) -> Non
 
 
 def _check_vllm_matches_learner(model_dir: Path, group, samples: list[TrainSample]) -> None:
-    """vLLM samples from the exported directory; the learner scores the same tokens."""
+    """vLLM samples from the exported directory; the learner checks its prompts and scores the same tokens.
+
+    A sample whose prompt the engine saw otherwise is refused on every rank, naming its group:
+    under ZeRO-3 a rank that failed alone would leave the other blocked in the next gather.
+    """
     import ray
     from PIL import Image
     from vllm import LLM, SamplingParams
@@ -402,7 +495,13 @@ def _check_vllm_matches_learner(model_dir: Path, group, samples: list[TrainSampl
         for completion in output.outputs:
             ids = list(completion.token_ids)
             logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
-            sampled.append(TrainSample(sample.group_id, sample.prompt, sample.image, ids, logprobs, 0.0, 1))
+            sampled.append(TrainSample(
+                sample.group_id, sample.prompt, sample.image, ids, logprobs, 0.0, 1,
+                prompt_length=len(output.prompt_token_ids), prompt_sha256=prompt_digest(output.prompt_token_ids),
+            ))
     learner = group.compute_logprobs(sampled)
     for sample, ours in zip(sampled, learner):
         assert np.allclose(ours, sample.behavior_logprobs, atol=1e-4), (ours, sample.behavior_logprobs)
+    tampered = replace(sampled[-1], prompt_length=sampled[-1].prompt_length + 1)
+    with pytest.raises(ValueError, match=rf"group {tampered.group_id}: the rollout engine's prompt has"):
+        group.compute_logprobs([*sampled[:-1], tampered])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ import pytest
 import torch
 
 from actors.rollout import RolloutActor, RolloutSettings, SamplingSettings
-from learner.inputs import collate, completion_logits, load_processor, process_prompt, token_logprobs
+from learner.inputs import PromptCache, collate, completion_logits, load_processor, process_prompt, token_logprobs
 from learner.weight_sender import WeightSender, weight_meta
+from segr1.frames import PixelBounds
 from segr1.prompts import build_messages, render_prompt
-from segr1.schema import PromptItem, RolloutGroup, TrainSample
+from segr1.schema import PromptItem, RolloutGroup, SampleScore, ScoredGroup, TrainSample, train_samples
 from segr1.weight_sync import WeightSyncError
 
 pytestmark = pytest.mark.slow
@@ -34,6 +36,7 @@ CONTROL_MIN = 0.1  # weights that were not pushed must be visibly different, not
 # Not the checkpoint's own bounds: the 112 px test images are resized to 56 px (4 image tokens,
 # not 16), so the learner's processor must be given these too or the prompts would disagree.
 MIN_PIXELS = MAX_PIXELS = 56 * 56
+FRAME = PixelBounds(MIN_PIXELS, MAX_PIXELS).frame((112, 112))  # (56, 56): the answers' frame
 
 
 def settings_for(model_dir: Path) -> RolloutSettings:
@@ -58,7 +61,7 @@ def items(policy: dict[str, Any]) -> list[PromptItem]:
     prompt = render_prompt(policy["processor"], build_messages("cod"))
     rng = np.random.default_rng(0)
     return [
-        PromptItem(f"g{i}", f"r{i}", prompt, rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), (112, 112))
+        PromptItem(f"g{i}", f"r{i}", prompt, rng.integers(0, 256, (112, 112, 3), dtype=np.uint8), FRAME)
         for i in range(3)
     ]
 
@@ -181,6 +184,18 @@ def test_learner_processor_uses_the_engines_image_bounds(actor, items, policy, t
     default = load_processor(str(tiny_qwen_dir))
     assert process_prompt(default, items[0].prompt, items[0].image, "g0").input_ids.tolist().count(pad) == 16
 
+    # The engine's prompt length and digest travel with the train samples; the learner checks them.
+    samples = train_samples(ScoredGroup(group, [SampleScore(0.0, {})] * 2), [0.5, -0.5])
+    assert all(s.prompt_length == len(group.prompt_token_ids) for s in samples)
+    cache = PromptCache(policy["processor"])
+    for sample in samples:  # the engine's bounds: accepted
+        cache.get(sample)
+    with pytest.raises(ValueError, match=rf"group g0: the rollout engine's prompt has {len(learner_ids)} tokens .* "
+                                         rf"the learner's has {len(learner_ids) + 12} .*min_pixels/max_pixels"):
+        PromptCache(default).get(samples[0])  # other bounds: 16 image pads where the engine had 4
+    with pytest.raises(ValueError, match="group g0: the rollout engine's prompt"):
+        cache.get(replace(samples[1], prompt_sha256=samples[1].prompt_sha256[::-1]))  # tampered in transit
+
 
 def test_vision_tokens_are_never_sampled(actor, items):
     from PIL import Image
@@ -200,8 +215,9 @@ def test_vision_tokens_are_never_sampled(actor, items):
 
 
 def test_bad_images_are_rejected_naming_the_record(actor, items):
+    # The driver computed the frame with other bounds than the engine's: 4 image tokens, not 64.
     wrong_size = PromptItem("gx", "rec-7", items[0].prompt, items[0].image, (224, 224))
-    with pytest.raises(ValueError, match="rec-7.*112x112"):
+    with pytest.raises(ValueError, match="rec-7.*4 image tokens.*224x224 means 64"):
         actor.generate([wrong_size], SamplingSettings(n=1, max_tokens=2))
     gray = PromptItem("gy", "rec-8", items[0].prompt, items[0].image[..., 0], (112, 112))
     with pytest.raises(ValueError, match="rec-8.*uint8 HxWx3"):
@@ -211,7 +227,7 @@ def test_bad_images_are_rejected_naming_the_record(actor, items):
 @pytest.fixture(scope="module")
 def local_sender(actor) -> WeightSender:
     sender = WeightSender(bucket_bytes=256 << 10)  # several buckets even for the tiny model
-    ranks = form_group(sender, 2, lambda host, port: actor.join_weight_group(host, port, 1, 2))
+    ranks = form_group(sender, 2, lambda host, port: actor.join_weight_group(host, port, 1, 2, sender.secret))
     assert ranks == [1]
     return sender
 
@@ -299,7 +315,9 @@ def sync_pool(pool, state: dict[str, Any], model: torch.nn.Module, version: int)
     sender = state["sender"]
     if state["address"] is None or pool.out_of_sync(state["version"], state["address"]):
         address = sender.address()
-        ranks = form_group(sender, pool.world_size, lambda host, port: ray.get(pool.join_weight_group(host, port)))
+        ranks = form_group(
+            sender, pool.world_size, lambda host, port: ray.get(pool.join_weight_group(host, port, sender.secret))
+        )
         assert sorted(r for rs in ranks for r in rs) == list(range(1, pool.world_size))
         state["address"] = address
     push(sender, model, version, lambda plan: ray.get(pool.receive_weights(plan, version)))

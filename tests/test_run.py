@@ -7,7 +7,10 @@ stops it, and resumes it, as a user would.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ from ray_head import REPO, start_ray_head
 from actors.rollout import SamplingSettings
 from segr1.config import load_config
 from segr1.job import build_job
+from segr1.rendezvous import RendezvousRefused, RendezvousStore
 from segr1.schema import TrainSample
 
 pytestmark = pytest.mark.slow
@@ -66,8 +70,31 @@ def test_sync_job_trains_and_engines_hold_the_learners_weights(ray_cluster, tmp_
     assert all(line["entropy"] > 0 and line["grad_norm"] > 0 for line in train)
     assert any("eval_reward" in line for line in lines)
     assert (tmp_path / "checkpoints" / "step_2").is_dir()
+    assert (tmp_path / "export" / "model.safetensors").is_file()
     assert (tmp_path / "config.yaml").is_file()
     assert sorted(p.name for p in (tmp_path / "samples" / "step_000002").iterdir()) == ["0.png", "1.png", "samples.json"]
+
+
+def test_a_run_on_s3_checkpoints_exports_and_resumes_there(ray_cluster, s3_uri):
+    """trainer.output_dir as a URI: checkpoints and the export go to the bucket, the driver's logs
+    are uploaded beside them, and a resume (with no local files) continues from the bucket."""
+    from segr1.storage import Storage
+
+    run = Storage(s3_uri).child("job")
+    for steps in ("2", "3"):
+        config = tiny_config(run.location, "--trainer.steps", steps, "--trainer.resume", "true")
+        job = build_job(config, config.trainer.output_dir)
+        try:
+            job.trainer.resume()
+            job.trainer.fit()
+        finally:
+            job.shutdown()
+        Path(job.monitor.out_dir / "metrics.jsonl").unlink()  # a resume must not rely on the local mirror
+    assert run.read_text("checkpoints/latest").strip() == "step_3"
+    assert run.exists("export/model.safetensors") and run.exists("export/processor_config.json")
+    train = [json.loads(line) for line in run.read_text("metrics.jsonl").splitlines()]
+    assert [line["step"] for line in train if "reward" in line] == [1, 2, 3]
+    assert run.exists("tensorboard") and "output_dir: s3://" in run.read_text("config.yaml")
 
 
 def test_async_job_survives_a_killed_reward_actor(ray_cluster, tmp_path):
@@ -100,6 +127,72 @@ def test_async_job_survives_a_killed_reward_actor(ray_cluster, tmp_path):
     assert pid_after != pid_before  # the run went on with a restarted reward actor
 
 
+def listening(pids: dict[str, int]) -> dict[str, set[tuple[str, int]]]:
+    """The LISTEN sockets of each named process."""
+    import psutil
+
+    found = {}
+    for name, pid in pids.items():
+        conns = psutil.Process(pid).net_connections(kind="inet")
+        found[name] = {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as Ray's dual-stack servers bind
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def knock(host: str, port: int) -> BaseException | None:
+    """Try to join a store without the job's secret; returns what the attempt raised."""
+    try:
+        RendezvousStore(host, port, "not-the-job-secret", datetime.timedelta(seconds=10))
+    except BaseException as exc:  # noqa: BLE001 - the test asserts on it
+        return exc
+    return None
+
+
+def test_a_job_listens_on_loopback_only_and_refuses_members_without_the_secret(ray_cluster, tmp_path):
+    config = tiny_config(tmp_path, "--trainer.steps", "2")
+    job = build_job(config, tmp_path)
+    pids = {name: ray.get(ray.get_actor(name).__ray_call__.remote(lambda _: os.getpid()))
+            for name in ("learner-0", "rollout-0", "reward-0")}
+    pids["driver"] = os.getpid()
+    deepspeed_store = ray.get(job.learner.workers[0].__ray_call__.remote(
+        lambda worker: (worker._rendezvous.host, worker._rendezvous.port)))
+    weight_store = job.trainer.weights.address
+    seen: dict[str, set[tuple[str, int]]] = {name: set() for name in pids}
+    knocks: list[BaseException | None] = []
+    done = threading.Event()
+
+    def watch() -> None:  # every 0.2 s while the job trains; knock once its first step is logged
+        while not done.is_set():
+            for name, addrs in listening(pids).items():
+                seen[name] |= addrs
+            if not knocks and metric_lines(tmp_path):
+                knocks.extend([knock(*weight_store), knock(*deepspeed_store)])
+            done.wait(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        job.trainer.fit()
+    finally:
+        done.set()
+        watcher.join(10)
+        job.shutdown()
+    train = [line for line in metric_lines(tmp_path) if "reward" in line]
+    assert [line["step"] for line in train] == [1, 2]  # the job went on after the knocks
+    assert len(knocks) == 2
+    for (host, port), refused in zip((weight_store, deepspeed_store), knocks):
+        assert isinstance(refused, RendezvousRefused), refused
+        assert f"{host}:{port} refused this client: wrong or missing job secret" in str(refused)
+    beyond = {name: {a for a in addrs if not is_loopback(a[0])} for name, addrs in seen.items()}
+    assert beyond == {name: set() for name in pids}, beyond
+    assert {weight_store, deepspeed_store} <= seen["learner-0"]  # the watcher did see the stores
+
+
 @pytest.fixture(scope="module")
 def head():
     started = start_ray_head(num_cpus=4)
@@ -124,9 +217,10 @@ def test_ray_job_submit_stop_and_resume(head, tmp_path):
         time.sleep(2)
     assert head.job_cli(["stop", job_id]).returncode == 0
     deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "latest").exists():
-        assert time.monotonic() < deadline, "a stopped job wrote no final checkpoint"
+    while not (out / "export" / "model.safetensors").exists():  # the export comes after the checkpoint
+        assert time.monotonic() < deadline, "a stopped job wrote no final checkpoint and export"
         time.sleep(1)
+    assert (out / "checkpoints" / "latest").exists()
     done = len(metric_lines(out))
     assert 2 <= done < 40, done
 

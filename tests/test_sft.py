@@ -26,7 +26,7 @@ def _mask() -> np.ndarray:
 
 def test_answer_for_mask_reads_back_as_the_mask_box_and_points():
     mask = _mask()
-    text = answer_for_mask(mask, "cod", np.random.default_rng(0))
+    text = answer_for_mask(mask, "cod", np.random.default_rng(0), (80, 60))
     parsed = parse_completion(text, (80, 60))
     assert parsed.complete(answer_format("cod")) and not parsed.errors
     assert parsed.boxes.tolist() == [[20, 10, 49, 29]]
@@ -38,10 +38,18 @@ def test_answer_for_mask_reads_back_as_the_mask_box_and_points():
 
 
 def test_pre_rl_answers_have_no_box_and_empty_masks_none():
-    text = answer_for_mask(_mask(), "dis", np.random.default_rng(0))
+    text = answer_for_mask(_mask(), "dis", np.random.default_rng(0), (80, 60))
     assert "<bbox>" not in text and "<think>" not in text
     assert parse_completion(text, (80, 60)).complete(answer_format("dis"))
-    assert answer_for_mask(np.zeros((8, 8), bool), "cod", np.random.default_rng(0)) is None
+    assert answer_for_mask(np.zeros((8, 8), bool), "cod", np.random.default_rng(0), (8, 8)) is None
+
+
+def test_answers_are_scaled_into_the_policys_frame():
+    """The policy sees the 80x60 mask's image at 160x30: x doubles, y halves, box and points alike."""
+    same = parse_completion(answer_for_mask(_mask(), "cod", np.random.default_rng(0), (80, 60)), (80, 60))
+    scaled = parse_completion(answer_for_mask(_mask(), "cod", np.random.default_rng(0), (160, 30)), (160, 30))
+    assert scaled.boxes.tolist() == [[40, 5, 98, 14]]  # [20, 10, 49, 29] x (2, 0.5), rounded half to even
+    assert np.abs(scaled.points - same.points * [2, 0.5]).max() <= 0.5
 
 
 def test_random_answers_keep_the_format_inside_the_image():

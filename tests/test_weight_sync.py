@@ -1,7 +1,7 @@
 """Bucket plans and the dedicated gloo weight group, with real collectives between threads.
 
-Every rank runs in a thread of this process with its own ProcessGroupGloo over a real TCPStore,
-exactly as the learner and the rollout workers do across processes; no vLLM, no Ray.
+Every rank runs in a thread of this process with its own ProcessGroupGloo over a real rendezvous
+store, exactly as the learner and the rollout workers do across processes; no vLLM, no Ray.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def form_group(sender: WeightSender, num_receivers: int, timeout_s: float = 30.0
     host, port = sender.address()
     world = 1 + num_receivers
     fns = [lambda: sender.join(world)] + [
-        (lambda r=r: join_group(host, port, r, world, "gloo", timeout_s=timeout_s)) for r in range(1, world)
+        (lambda r=r: join_group(host, port, r, world, "gloo", secret=sender.secret, timeout_s=timeout_s))
+        for r in range(1, world)
     ]
     results = run_ranks(fns)
     assert not any(isinstance(r, BaseException) for r in results), results
@@ -253,6 +254,6 @@ def test_sender_refuses_to_send_out_of_order():
     with pytest.raises(ValueError, match="at least one receiver"):
         sender.join(1)
     with pytest.raises(ValueError, match="outside a group"):
-        join_group("127.0.0.1", 1, 3, 2, "gloo")
+        join_group("127.0.0.1", 1, 3, 2, "gloo", secret="s")
     with pytest.raises(ValueError, match="'gloo' or 'nccl'"):
-        join_group("127.0.0.1", 1, 1, 2, "mpi")
+        join_group("127.0.0.1", 1, 1, 2, "mpi", secret="s")

@@ -1,12 +1,14 @@
 """The evaluation on Ray: vLLM rollout actors write one completion per example, SAM2 reward actors
 turn it into a mask.
 
-Per example: the driver loads the image at its original size, resizes a copy to the policy's
-size x size (the pixel space the policy's coordinates are in), renders the task prompt and puts
-both images and the ground truth in the object store once. A rollout actor generates (greedy by
-default: temperature 0, n = 1); the group then goes to a reward actor with its image swapped for
-the original, so SAM2 runs on the full-resolution image and the actor scales the policy's
-coordinates by original / policy size. The actor returns the mask as PNG. Rollouts and scoring
+Per example: the driver loads the image at its original size, resizes a copy to size x size (the
+paper's square input), renders the task prompt and puts both images and the ground truth in the
+object store once. The policy's processor resizes that square once more (sides multiples of 28
+within the checkpoint's pixel bounds: 768 -> 756), and its coordinates are in that frame
+(``segr1.frames``), which each prompt carries as ``policy_size``. A rollout actor generates (greedy
+by default: temperature 0, n = 1); the group then goes to a reward actor with its image swapped
+for the original, so SAM2 runs on the full-resolution image and the actor scales the policy's
+coordinates by original / policy frame. The actor returns the mask as PNG. Rollouts and scoring
 overlap: each group is scored the moment it is generated, and a bounded number of examples is in
 flight, so memory stays flat and every actor has work. Both pools retry a call whose actor died.
 """
@@ -26,6 +28,7 @@ from actors.rollout import RolloutPool, RolloutSettings, SamplingSettings
 from segr1.data.records import decode_mask
 from segr1.evaluation.datasets import Example, Sample
 from segr1.evaluation.scoring import Prediction, policy_image
+from segr1.frames import processor_bounds
 from segr1.parser import ParserLimits, parse_completion
 from segr1.prompts import build_messages, render_prompt
 from segr1.schema import PromptItem, RolloutGroup
@@ -36,12 +39,15 @@ GREEDY = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=400)
 @dataclass(frozen=True)
 class RunnerSettings:
     """The actors and how they run. ``policy`` is a Hugging Face directory; ``sam2_checkpoint``
-    "tiny" builds the random tiny SAM2 on each reward actor (tests and the demo)."""
+    "tiny" builds the random tiny SAM2 on each reward actor (tests and the demo). ``min_pixels``/
+    ``max_pixels`` None keep the policy's own image bounds (an export keeps its run's)."""
 
     policy: str
     sam2_config: str
     sam2_checkpoint: str
     sam2_size: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
     rollout_actors: int = 1
     reward_actors: int = 1
     sampling: SamplingSettings = GREEDY
@@ -78,6 +84,8 @@ def start_rollout_pool(settings: RunnerSettings) -> RolloutPool:
         kv_cache_memory_bytes=settings.kv_cache_memory_bytes,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         seed=settings.seed,
+        min_pixels=settings.min_pixels,
+        max_pixels=settings.max_pixels,
     )
     return RolloutPool(
         engine,
@@ -100,10 +108,11 @@ class RayPredictor:
     """A `Predictor` over rollout and reward actor pools; call ``shutdown`` when done."""
 
     def __init__(self, settings: RunnerSettings) -> None:
-        from transformers import AutoProcessor
+        from learner.inputs import load_processor
 
         self.settings = settings
-        self.processor = AutoProcessor.from_pretrained(settings.policy)
+        self.processor = load_processor(settings.policy, settings.min_pixels, settings.max_pixels)
+        self.bounds = processor_bounds(self.processor)  # the engines resize with the same ones
         self.rollout_pool = start_rollout_pool(settings)
         self.rollout = self.rollout_pool.pool
         reward = RewardSettings(
@@ -144,7 +153,7 @@ class RayPredictor:
             record_id=example.id,
             prompt=self._prompt(task, example.expression),
             image=ray.put(np.ascontiguousarray(policy_image(sample.image, size))),
-            policy_size=(size, size),
+            policy_size=self.bounds.frame((size, size)),
             task=task,
         )
         refs = _InFlight(example, sample, ray.put(np.ascontiguousarray(sample.image)), ray.put(sample.gt))

@@ -19,6 +19,7 @@ from PIL import Image
 
 from segr1.evaluation.datasets import FOREGROUND_TASKS, Benchmark, Example, Sample
 from segr1.evaluation.results import EvalError, EvalResult, ResultStore, mask_file_name
+from segr1.frames import PixelBounds
 from segr1.metrics import IoUAccumulator, SODMetrics, intersection_union
 from segr1.parser import ParserLimits, PromptSet, parse_completion
 from segr1.prompts import answer_format
@@ -118,21 +119,29 @@ def evaluate_benchmark(
 
 
 def local_predictor(
-    complete: Callable[[Example, np.ndarray], str], segmenter: Segmenter, limits: ParserLimits | None = None
+    complete: Callable[[Example, np.ndarray], str],
+    segmenter: Segmenter,
+    limits: ParserLimits | None = None,
+    bounds: PixelBounds | None = None,
 ) -> Predictor:
     """A predictor in this process: ``complete(example, policy_image)`` writes the completion,
     which is parsed and decoded by ``segmenter`` exactly as the reward actors do (one prompt set,
-    policy coordinates scaled to the original image)."""
+    policy coordinates scaled to the original image).
+
+    With ``bounds`` the answer is read in the frame a processor with those bounds resizes the
+    square image to, as the Ray runner does; without, in the square image's own pixels (for
+    completion functions that see no processor)."""
 
     def predict(task: str, size: int, examples: Iterator[Example]) -> Iterator[tuple[Example, Sample, Prediction]]:
+        frame = (size, size) if bounds is None else bounds.frame((size, size))
         for example in examples:
             sample = example.load()
             text = complete(example, policy_image(sample.image, size))
-            prompt_set = parse_completion(text, (size, size), limits)
+            prompt_set = parse_completion(text, frame, limits)
             embedding = None if prompt_set.is_empty else segmenter.embed(sample.image)
             image_size = (sample.image.shape[1], sample.image.shape[0])
-            mask = masks_for_group(segmenter, embedding, [prompt_set], (size, size), image_size)[0]
-            yield example, sample, Prediction(mask, text, prompt_set, (size, size))
+            mask = masks_for_group(segmenter, embedding, [prompt_set], frame, image_size)[0]
+            yield example, sample, Prediction(mask, text, prompt_set, frame)
 
     return predict
 

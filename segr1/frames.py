@@ -1,0 +1,97 @@
+"""The policy's pixel frame: the image as the Qwen2.5-VL processor resized it, and the way back.
+
+Qwen2.5-VL never sees the stored image. Its processor resizes every image to sides that are
+multiples of 28 (patch 14 x merge 2) whose area lies within ``min_pixels``/``max_pixels``, keeping
+the aspect ratio as well as it can, and the model's coordinates live in that resized frame: a
+768 px image is seen at 756, a 1024 px one at 1036 under Qwen2.5-VL-3B's bounds and at 756 under
+a max of 768 x 768. An answer read in the stored image's frame is off by that ratio (1.6 % at 768,
+35 % at 1024 -> 756), so every place an answer meets an image (rewards, SFT targets, evaluation,
+pictures, serving) takes the frame from here and maps with ``segr1.segment.prompts_for`` (policy
+frame -> image) or ``to_policy_frame`` (image -> policy frame).
+
+Pure: no transformers import. ``policy_frame`` is the processor's own rule (``smart_resize`` in
+transformers' ``image_processing_qwen2_vl``), cross-checked against it in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PATCH_FACTOR = 28  # Qwen2.5-VL: 14 px patches, merged 2 x 2 into one image token
+MAX_ASPECT = 200  # the processor refuses images more elongated than this
+
+
+@dataclass(frozen=True)
+class PixelBounds:
+    """The processor's image-area bounds and the side factor its resized sides are multiples of."""
+
+    min_pixels: int
+    max_pixels: int
+    factor: int = PATCH_FACTOR
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"pixel bounds need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        if self.factor < 1:
+            raise ValueError(f"pixel bounds factor must be >= 1, got {self.factor}")
+
+    def frame(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (width, height) the processor resizes a (width, height) image to."""
+        return policy_frame(size, self)
+
+
+def policy_frame(size: tuple[int, int], bounds: PixelBounds) -> tuple[int, int]:
+    """(width, height) of an image of ``size`` (width, height) as the processor resizes it.
+
+    Sides are rounded to the nearest multiple of ``factor``; if the area then leaves the bounds,
+    both sides are scaled by one factor and rounded down (too large) or up (too small).
+    """
+    width, height = int(size[0]), int(size[1])
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be a positive (width, height), got {size}")
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise ValueError(f"image {width}x{height}: aspect ratio over {MAX_ASPECT}, the processor refuses it")
+    f = bounds.factor
+    h_bar, w_bar = round(height / f) * f, round(width / f) * f
+    if h_bar * w_bar > bounds.max_pixels:
+        beta = math.sqrt(height * width / bounds.max_pixels)
+        h_bar = max(f, math.floor(height / beta / f) * f)
+        w_bar = max(f, math.floor(width / beta / f) * f)
+    elif h_bar * w_bar < bounds.min_pixels:
+        beta = math.sqrt(bounds.min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / f) * f
+        w_bar = math.ceil(width * beta / f) * f
+    return w_bar, h_bar
+
+
+def processor_bounds(processor: Any) -> PixelBounds:
+    """The bounds a loaded Qwen2-VL-family processor (or its image processor) resizes with.
+
+    transformers 5 keeps them as ``size["shortest_edge"]``/``size["longest_edge"]`` (areas, not
+    edges, despite the names); the side factor is ``patch_size x merge_size``.
+    """
+    image_processor = getattr(processor, "image_processor", processor)
+    size = image_processor.size
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    low, high = get("shortest_edge"), get("longest_edge")
+    if low is None or high is None:
+        raise ValueError(f"{type(image_processor).__name__}: no min/max pixel bounds in its size {size}")
+    factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+    return PixelBounds(int(low), int(high), factor)
+
+
+def to_policy_frame(
+    xy: np.ndarray, image_size: tuple[int, int], policy_size: tuple[int, int]
+) -> np.ndarray:
+    """Coordinates (..., 2k) as x, y pairs in the image's pixels, mapped into the policy's frame.
+
+    The inverse of the scaling in ``segr1.segment.prompts_for``: what an answer must say for the
+    policy to point at these pixels (SFT targets are written with it).
+    """
+    scale = np.array([policy_size[0] / image_size[0], policy_size[1] / image_size[1]])
+    values = np.asarray(xy, dtype=np.float64)
+    return (values.reshape(*values.shape[:-1], -1, 2) * scale).reshape(values.shape)

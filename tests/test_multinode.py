@@ -1,0 +1,93 @@
+"""The documented cloud layout on this machine: the driver on a head without the learner, the learner
+on a node of its own (a second raylet), jobs sent with ``ray job submit``.
+
+What one-host tests could not show: checkpoints are found and read by the learner's ranks (not on
+the driver's disk), and a ``trainer.output_dir`` the learner's node cannot see stops the job at
+start-up with a message naming it, instead of training for a day and losing every checkpoint. The
+"cannot see" node runs in a private mount namespace with an empty tmpfs over the run's folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ray_head import REPO, RayHead, start_ray_head, start_ray_node
+
+pytestmark = pytest.mark.slow
+
+RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
+TINY_JOB = ["python", "-m", "segr1.run", "--trainer.eval_every", "0", "--trainer.checkpoint_every", "1",
+            "--rollout.num_cpus_per_actor", "0.5", "--reward.num_cpus_per_actor", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[RayHead]:
+    started = start_ray_head(num_cpus=2, resources={"rollout_node": 1, "reward_node": 1})
+    yield started
+    started.stop()
+
+
+def output(result) -> str:
+    return (result.stdout + result.stderr)[-6000:]
+
+
+def steps_logged(run: Path) -> list[int]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if "reward" in json.loads(line)]
+
+
+def learner_nodes(head: RayHead) -> set[str]:
+    """Node ids the job's learner ranks ran on (the state API lists dead actors too)."""
+    status, body = head.http_get("/api/v0/actors?limit=1000&detail=true")
+    assert status == 200, body
+    actors = json.loads(body)["data"]["result"]["result"]
+    return {a["node_id"] for a in actors if (a.get("name") or "").startswith("learner-")}
+
+
+def node_id_with(head: RayHead, resource: str) -> str:
+    status, body = head.http_get("/api/v0/nodes?limit=100&detail=true")
+    assert status == 200, body
+    nodes = json.loads(body)["data"]["result"]["result"]
+    (node,) = [n for n in nodes if resource in n["resources_total"] and n["state"] == "ALIVE"]
+    return node["node_id"]
+
+
+def test_resume_on_a_cluster_continues_where_the_learner_left_off(head, tmp_path):
+    node = start_ray_node(head, num_cpus=1, resources={"learner_node": 1})
+    try:
+        run = tmp_path / "run"
+        first = head.submit([*TINY_JOB, "--trainer.output_dir", str(run), "--trainer.steps", "2", "--resume"],
+                            runtime_env=RUNTIME_ENV, timeout_s=600)
+        assert first.returncode == 0, output(first)
+        assert learner_nodes(head) == {node_id_with(head, "learner_node")}  # not the driver's head
+        assert (run / "checkpoints" / "latest").read_text().strip() == "step_2"
+        assert (run / "export" / "model.safetensors").is_file()
+
+        again = head.submit([*TINY_JOB, "--trainer.output_dir", str(run), "--trainer.steps", "3", "--resume"],
+                            runtime_env=RUNTIME_ENV, timeout_s=600)
+        assert again.returncode == 0, output(again)
+        assert "resumed at step 2" in output(again)
+        assert steps_logged(run) == [1, 2, 3]
+        assert (run / "checkpoints" / "latest").read_text().strip() == "step_3"
+    finally:
+        node.stop()
+
+
+def test_an_output_dir_the_learner_cannot_see_stops_the_job_at_start(head, tmp_path):
+    private = tmp_path / "private"  # mounted over by an empty tmpfs on the learner's node only
+    node = start_ray_node(head, num_cpus=1, resources={"learner_node": 1}, hide=private)
+    try:
+        run = private / "run"
+        result = head.submit([*TINY_JOB, "--trainer.output_dir", str(run), "--trainer.steps", "2"],
+                             runtime_env=RUNTIME_ENV, timeout_s=600)
+    finally:
+        node.stop()
+    text = output(result)
+    assert result.returncode != 0
+    assert f"trainer.output_dir {run}: learner rank 0 on node" in text
+    assert "shares (NFS, EFS, Filestore)" in text
+    assert "step 1" not in text  # nothing trained
+    assert not (run / "checkpoints").exists()
