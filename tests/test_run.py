@@ -42,11 +42,15 @@ def metric_lines(out_dir: Path) -> list[dict]:
 
 
 def test_sync_job_trains_and_engines_hold_the_learners_weights(ray_cluster, tmp_path):
+    """Also: while it trains, none of its processes listens beyond loopback, and a client without
+    the job's secret is refused by both rendezvous stores while the job goes on."""
     config = tiny_config(tmp_path, "--trainer.steps", "2", "--trainer.eval_every", "2", *MOVING)
     job = build_job(config, tmp_path)
     try:
         digest_before = job.learner.weights_digest()
-        job.trainer.fit()
+        with PortWatch(job, tmp_path) as ports:
+            job.trainer.fit()
+        ports.check()
         assert job.learner.weights_digest() != digest_before
 
         prompt = job.trainer.source.next(1)[0].item
@@ -64,7 +68,7 @@ def test_sync_job_trains_and_engines_hold_the_learners_weights(ray_cluster, tmp_
 
     lines = metric_lines(tmp_path)
     train = [line for line in lines if "reward" in line]
-    assert [line["step"] for line in train] == [1, 2]
+    assert [line["step"] for line in train] == [1, 2]  # the job went on after the knocks
     assert [line["weight_version"] for line in train] == [1, 2]
     assert all(line["staleness"] == 0 for line in train)
     assert all(line["entropy"] > 0 and line["grad_norm"] > 0 for line in train)
@@ -153,44 +157,48 @@ def knock(host: str, port: int) -> BaseException | None:
     return None
 
 
-def test_a_job_listens_on_loopback_only_and_refuses_members_without_the_secret(ray_cluster, tmp_path):
-    config = tiny_config(tmp_path, "--trainer.steps", "2")
-    job = build_job(config, tmp_path)
-    pids = {name: ray.get(ray.get_actor(name).__ray_call__.remote(lambda _: os.getpid()))
-            for name in ("learner-0", "rollout-0", "reward-0")}
-    pids["driver"] = os.getpid()
-    deepspeed_store = ray.get(job.learner.workers[0].__ray_call__.remote(
-        lambda worker: (worker._rendezvous.host, worker._rendezvous.port)))
-    weight_store = job.trainer.weights.address
-    seen: dict[str, set[tuple[str, int]]] = {name: set() for name in pids}
-    knocks: list[BaseException | None] = []
-    done = threading.Event()
+class PortWatch:
+    """While a job trains: every 0.2 s the LISTEN sockets of its processes (driver, learner-0,
+    rollout-0, reward-0), and once its first step is logged, one attempt to join each of its two
+    rendezvous stores without the job's secret."""
 
-    def watch() -> None:  # every 0.2 s while the job trains; knock once its first step is logged
-        while not done.is_set():
-            for name, addrs in listening(pids).items():
-                seen[name] |= addrs
-            if not knocks and metric_lines(tmp_path):
-                knocks.extend([knock(*weight_store), knock(*deepspeed_store)])
-            done.wait(0.2)
+    def __init__(self, job, out_dir: Path) -> None:
+        self.pids = {name: ray.get(ray.get_actor(name).__ray_call__.remote(lambda _: os.getpid()))
+                     for name in ("learner-0", "rollout-0", "reward-0")}
+        self.pids["driver"] = os.getpid()
+        self.stores = [job.trainer.weights.address, tuple(ray.get(job.learner.workers[0].__ray_call__.remote(
+            lambda worker: (worker._rendezvous.host, worker._rendezvous.port))))]
+        self.seen: dict[str, set[tuple[str, int]]] = {name: set() for name in self.pids}
+        self.knocks: list[BaseException | None] = []
+        self._out_dir = out_dir
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        job.trainer.fit()
-    finally:
-        done.set()
-        watcher.join(10)
-        job.shutdown()
-    train = [line for line in metric_lines(tmp_path) if "reward" in line]
-    assert [line["step"] for line in train] == [1, 2]  # the job went on after the knocks
-    assert len(knocks) == 2
-    for (host, port), refused in zip((weight_store, deepspeed_store), knocks):
-        assert isinstance(refused, RendezvousRefused), refused
-        assert f"{host}:{port} refused this client: wrong or missing job secret" in str(refused)
-    beyond = {name: {a for a in addrs if not is_loopback(a[0])} for name, addrs in seen.items()}
-    assert beyond == {name: set() for name in pids}, beyond
-    assert {weight_store, deepspeed_store} <= seen["learner-0"]  # the watcher did see the stores
+    def __enter__(self) -> PortWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(10)
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            for name, addrs in listening(self.pids).items():
+                self.seen[name] |= addrs
+            if not self.knocks and metric_lines(self._out_dir):
+                self.knocks.extend(knock(*store) for store in self.stores)
+            self._done.wait(0.2)
+
+    def check(self) -> None:
+        """Refused with the clear message on the client's side; nothing listened beyond loopback."""
+        assert len(self.knocks) == 2
+        for (host, port), refused in zip(self.stores, self.knocks):
+            assert isinstance(refused, RendezvousRefused), refused
+            assert f"{host}:{port} refused this client: wrong or missing job secret" in str(refused)
+        beyond = {name: {a for a in addrs if not is_loopback(a[0])} for name, addrs in self.seen.items()}
+        assert beyond == {name: set() for name in self.pids}, beyond
+        assert set(self.stores) <= self.seen["learner-0"]  # the watcher did see the stores
 
 
 @pytest.fixture(scope="module")
