@@ -28,15 +28,15 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.pool import ActorPool, PoolTask
-from segr1 import rewards
+from segr1.core import rewards
+from segr1.core.metrics import as_gt
+from segr1.core.parser import AnswerFormat, ParserLimits, parse_completion
+from segr1.core.prompts import answer_format
+from segr1.core.schema import RolloutGroup, SampleScore
+from segr1.core.segment import BoxSegmenter, Segmenter, masks_for_group
 from segr1.data.records import decode_image, decode_mask, encode_mask
-from segr1.metrics import as_gt
-from segr1.parser import AnswerFormat, ParserLimits, parse_completion
-from segr1.prompts import answer_format
-from segr1.schema import RolloutGroup, SampleScore
-from segr1.segment import BoxSegmenter, Segmenter, masks_for_group
 
-TINY_CHECKPOINT = "tiny"  # build the seeded random hiera-tiny of segr1.tiny on the actor's own node
+TINY_CHECKPOINT = "tiny"  # build the seeded random hiera-tiny of segr1.testing.tiny on the actor's own node
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class RewardSettings:
     ``num_gpus`` is what each actor asks Ray for when the cluster has GPUs (1.0 keeps SAM2 alone on a
     GPU; a fraction packs several actors on one). ``decode_chunk`` 0 means the device's default.
     ``decode_pad_to`` > 0 pads every SAM2 prompt to that many tokens so a group decodes in one batch
-    (0: exact ``predict`` masks, batches of equal-length prompts; see ``segr1.sam2_segmenter``).
+    (0: exact ``predict`` masks, batches of equal-length prompts; see ``segr1.segmenters.sam2_segmenter``).
     ``bf16`` turns on bfloat16 autocast (CUDA with bf16 support, or CPU).
     """
 
@@ -81,12 +81,12 @@ def make_segmenter(settings: RewardSettings, device: str) -> Segmenter:
     """The backend named by ``settings``, built once, on ``device``."""
     if settings.backend == "box":
         return BoxSegmenter(point_radius=settings.box_point_radius)
-    from segr1.sam2_segmenter import load_sam2_segmenter
+    from segr1.segmenters.sam2_segmenter import load_sam2_segmenter
 
     checkpoint = settings.sam2_checkpoint
     image_size = settings.sam2_image_size
     if checkpoint == TINY_CHECKPOINT:
-        from segr1.tiny import build_sam2
+        from segr1.testing.tiny import build_sam2
 
         tiny = build_sam2(image_size=image_size) if image_size else build_sam2()
         checkpoint, image_size = str(tiny.checkpoint), tiny.image_size

@@ -4,7 +4,7 @@
 of it, each in its own placement-group bundle, and spreads prompt batches over them through the
 generic ``actors.pool.ActorPool`` (least-loaded dispatch, resubmission when an actor dies).
 
-Weight sync, receiving side (see ``segr1/weight_sync.py`` for the wire format): every engine
+Weight sync, receiving side (see ``segr1/weightsync/weight_sync.py`` for the wire format): every engine
 worker of every actor joins one group with the learner's rank 0 (``join_weight_group``); a sync
 is one ``receive_weights(plan, version)`` call per actor, which runs on all of the engine's
 workers via ``collective_rpc``, reloads through vLLM's own reloader and then resets the prefix,
@@ -16,7 +16,7 @@ The behaviour log-probs returned are vLLM's default "raw" log-probs: log-softmax
 logits over the full vocabulary, before temperature, top-p or the vision-token mask. That is
 exactly what the learner computes for the same tokens, so the importance ratio is 1 when
 weights match, and it is the distribution sampled only at temperature 1 and top-p 1: GRPO training
-refuses other values (``segr1.config.validate``); evaluation samples as it likes.
+refuses other values (``segr1.train.config.validate``); evaluation samples as it likes.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from segr1.prompts import pixel_bounds
-from segr1.schema import Completion, PromptItem, RolloutGroup
-from segr1.weight_sync import BucketPlan
+from segr1.core.prompts import pixel_bounds
+from segr1.core.schema import Completion, PromptItem, RolloutGroup
+from segr1.weightsync.weight_sync import BucketPlan
 
 WORKER_EXTENSION = "actors.vllm_worker.WeightSyncWorkerExtension"
 
@@ -43,7 +43,7 @@ VISION_CONFIG_IDS = ("image_token_id", "video_token_id", "vision_start_token_id"
 
 @dataclass
 class RolloutSettings:
-    """One engine's settings; ``segr1/config.py`` mirrors these fields."""
+    """One engine's settings; ``segr1/train/config.py`` mirrors these fields."""
 
     model: str
     dtype: str = "bfloat16"
@@ -329,13 +329,13 @@ class RolloutPool:
         runtime_env: dict | None = None,
         name_prefix: str = "rollout",
     ) -> None:
-        """``placement``: the rollout role's ``segr1.ray_cluster.RolePlacement`` (one bundle per
+        """``placement``: the rollout role's ``segr1.runtime.ray_cluster.RolePlacement`` (one bundle per
         actor, each holding ``tensor_parallel_size`` GPUs on GPU clusters); without one the pool
         places itself, asking for GPUs when the cluster has any (or as ``use_gpu`` says)."""
         import ray
 
         from actors.pool import ActorPool
-        from segr1.ray_cluster import RoleRequest, role_placement
+        from segr1.runtime.ray_cluster import RoleRequest, role_placement
 
         if num_actors < 1:
             raise ValueError(f"a rollout pool needs at least one actor, got {num_actors}")

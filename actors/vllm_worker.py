@@ -14,7 +14,7 @@ clash with the worker's own.
 
 from __future__ import annotations
 
-from segr1.weight_sync import BucketPlan, WeightGroup, drain, join_group, receive_buckets
+from segr1.weightsync.weight_sync import BucketPlan, WeightGroup, drain, join_group, receive_buckets
 
 
 class WeightSyncWorkerExtension:

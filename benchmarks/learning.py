@@ -46,9 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
+from segr1.core.metrics import iou, smeasure
+from segr1.core.rewards import RewardWeights
 from segr1.data.synth import KINDS
-from segr1.metrics import iou, smeasure
-from segr1.rewards import RewardWeights
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # never ship the checkout to the workers
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -75,8 +75,8 @@ def warm_start(model: Path, data: Path, out: Path, args: argparse.Namespace) -> 
 def grpo(policy: Path, data: Path, heldout: Path, out: Path, args: argparse.Namespace,
          deadline: float) -> tuple[list[dict], dict[str, float], dict[str, float]]:
     """The GRPO steps' metrics, and greedy held-out scores of the warm start and of the trained policy."""
-    from segr1.config import load_config
-    from segr1.job import build_job
+    from segr1.train.config import load_config
+    from segr1.train.job import build_job
 
     config = load_config("tiny", [
         "--model.path", str(policy), "--sam2.backend", "box", "--data.train", str(data), "--data.eval", str(heldout),
@@ -198,7 +198,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from segr1.data import synth_records, write_synth
-    from segr1.tiny import build_qwen
+    from segr1.testing.tiny import build_qwen
 
     data, heldout = args.out / "data", args.out / "heldout"
     scenes = {"kind": args.kind, "position_code": args.position_code}

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from learning import HELDOUT, blind_box, blind_scores
 
 SIZE = 112
@@ -31,7 +30,7 @@ SCENES = (("camouflage", False), ("camouflage", True), ("salient", False), ("sal
 
 
 def supervised(model: Path, data: Path, out: Path, args: argparse.Namespace) -> Path:
-    """``segr1.sft`` on the true answers in a child process; returns the exported policy."""
+    """``segr1.train.sft`` on the true answers in a child process; returns the exported policy."""
     exported = out / "policy_hf"
     pixels = str(SIZE * SIZE)
     command = [
@@ -50,10 +49,10 @@ def greedy_scores(policy: Path, records: list) -> tuple[float, int]:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from learner.inputs import load_processor, process_prompt
-    from segr1.metrics import iou
-    from segr1.parser import parse_completion
-    from segr1.prompts import build_messages, render_prompt
-    from segr1.segment import BoxSegmenter, masks_for_group
+    from segr1.core.metrics import iou
+    from segr1.core.parser import parse_completion
+    from segr1.core.prompts import build_messages, render_prompt
+    from segr1.core.segment import BoxSegmenter, masks_for_group
 
     processor = load_processor(str(policy), SIZE * SIZE, SIZE * SIZE)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(policy), dtype=torch.float32).eval()
@@ -84,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from segr1.data import synth_records, write_synth
-    from segr1.tiny import build_qwen
+    from segr1.testing.tiny import build_qwen
 
     model = build_qwen(seed=args.seed)
     rows = []

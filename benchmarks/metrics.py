@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import py_sod_metrics as reference
 
-from segr1 import metrics
+from segr1.core import metrics
 
 
 def _ellipse(size: int, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:

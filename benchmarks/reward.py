@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from actors.reward import RewardActor, RewardSettings
+from segr1.core.parser import parse_completion
+from segr1.core.prompts import answer_text
+from segr1.core.rewards import score
+from segr1.core.schema import Completion, PromptItem, RolloutGroup
 from segr1.data.synth import synth_record
-from segr1.parser import parse_completion
-from segr1.prompts import answer_text
-from segr1.rewards import score
-from segr1.schema import Completion, PromptItem, RolloutGroup
 
 
 @dataclass
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sam2_checkpoint:
         config, checkpoint, sam2_size = args.sam2_config, args.sam2_checkpoint, args.sam2_image_size or None
     else:
-        from segr1.tiny import build_sam2
+        from segr1.testing.tiny import build_sam2
 
         tiny = build_sam2(image_size=args.sam2_image_size)
         config, checkpoint, sam2_size = tiny.config, str(tiny.checkpoint), tiny.image_size

@@ -11,7 +11,7 @@ one-number all-reduce, so the time covers the slowest receiver.
 Modes:
   flat       one broadcast of one buffer holding every byte (the wire's raw bandwidth; the
              receiver does not even unpack it)
-  bucketed   segr1.weight_sync.send_buckets / receive_buckets at each bucket size: the
+  bucketed   segr1.weightsync.weight_sync.send_buckets / receive_buckets at each bucket size: the
              production path, handshake, headers, overlap of packing and sending included
   per-param  one broadcast per tensor, no packing; the receiver copies each tensor from the
              scratch tensor it landed in into its model (as a loader must)
@@ -32,8 +32,14 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segr1.rendezvous import RendezvousServer, new_secret  # noqa: E402
-from segr1.weight_sync import WeightGroup, join_group, plan_buckets, receive_buckets, send_buckets  # noqa: E402
+from segr1.weightsync.rendezvous import RendezvousServer, new_secret  # noqa: E402
+from segr1.weightsync.weight_sync import (  # noqa: E402
+    WeightGroup,
+    join_group,
+    plan_buckets,
+    receive_buckets,
+    send_buckets,
+)
 
 
 def synthetic_model(layers: int, hidden: int, seed: int = 0) -> list[tuple[str, torch.Tensor]]:

@@ -1,6 +1,6 @@
 """Checkpoint layout, publication under a run's storage, and the per-rank RNG state.
 
-A checkpoint root (``<trainer.output_dir>/checkpoints``, a ``segr1.storage.Storage``: a shared
+A checkpoint root (``<trainer.output_dir>/checkpoints``, a ``segr1.runtime.storage.Storage``: a shared
 path or a ``pyarrow.fs`` URI) holds one directory per saved step plus a ``latest`` file naming
 the newest::
 
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segr1.storage import Storage
+from segr1.runtime.storage import Storage
 
 LATEST = "latest"
 CLIENT_STATE = "client_state.json"

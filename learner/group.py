@@ -24,10 +24,10 @@ from typing import Any
 from learner import checkpoint as ckpt
 from learner.inputs import MicroBatch, plan_micro_batches
 from learner.worker import LearnerSettings, LearnerWorker, read_deepspeed_overrides
-from segr1.ray_cluster import RolePlacement, RoleRequest, role_placement
-from segr1.rendezvous import new_secret
-from segr1.schema import TrainSample
-from segr1.storage import Storage, StorageError
+from segr1.core.schema import TrainSample
+from segr1.runtime.ray_cluster import RolePlacement, RoleRequest, role_placement
+from segr1.runtime.storage import Storage, StorageError
+from segr1.weightsync.rendezvous import new_secret
 
 # Metrics that are rank sums already weighted by micro-batch share (they add up to batch values).
 _SHARE_WEIGHTED = ("loss", "pg_loss", "kl", "entropy", "clip_frac", "dual_clip_frac", "ratio_mean")

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from segr1.prompts import pixel_bounds
-from segr1.schema import TrainSample, prompt_digest
+from segr1.core.prompts import pixel_bounds
+from segr1.core.schema import TrainSample, prompt_digest
 
 
 @dataclass(frozen=True)

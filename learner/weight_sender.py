@@ -13,7 +13,7 @@ a ``join`` opens a fresh rendezvous store on a new port, so re-forming the group
 restarted, actors were added) never meets a stale store or a half-torn-down group; the store of
 the group it replaces is closed at that ``join``.
 
-The store (``segr1.rendezvous.RendezvousServer``) listens on ``host`` only, and every member,
+The store (``segr1.weightsync.rendezvous.RendezvousServer``) listens on ``host`` only, and every member,
 this sender included, proves ``secret`` to it: the job's secret, which the learner group hands
 to the sender and the driver hands to the rollout actors through Ray calls.
 """
@@ -24,8 +24,8 @@ from collections.abc import Iterable
 
 import torch
 
-from segr1.rendezvous import RendezvousServer, new_secret
-from segr1.weight_sync import (
+from segr1.weightsync.rendezvous import RendezvousServer, new_secret
+from segr1.weightsync.weight_sync import (
     DEFAULT_BUCKET_BYTES,
     BucketPlan,
     WeightGroup,

@@ -1,6 +1,6 @@
 """One learner rank: a DeepSpeed engine over the Qwen2.5-VL policy (and a frozen reference).
 
-``LearnerGroup`` runs one ``LearnerWorker`` per GPU as a Ray actor; ``segr1.sft`` runs a single
+``LearnerGroup`` runs one ``LearnerWorker`` per GPU as a Ray actor; ``segr1.train.sft`` runs a single
 one in-process. Every public method that touches the model is collective: all ranks of the
 group call it with their share of the work, and they take the same number of forward and
 backward passes (fillers included, see ``plan_micro_batches``) because under ZeRO-3 each pass
@@ -41,15 +41,15 @@ from learner.inputs import (
     load_processor,
     token_logprobs,
 )
-from segr1.grpo import LossSettings, aggregate, entropy_from_logits, grpo_loss
-from segr1.storage import Storage, clear_local
+from segr1.core.grpo import LossSettings, aggregate, entropy_from_logits, grpo_loss
+from segr1.runtime.storage import Storage, clear_local
 
 LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
 class LearnerSettings:
-    """What the learner needs; field names follow ``segr1.config.LearnerConfig`` where they overlap.
+    """What the learner needs; field names follow ``segr1.train.config.LearnerConfig`` where they overlap.
 
     ``deepspeed_config`` (a JSON file, or its content as a dict) is merged over the generated
     DeepSpeed config, its values winning. ``LearnerGroup`` reads a file on the driver, so the ranks
@@ -106,7 +106,7 @@ class LearnerSettings:
                 raise ValueError(f"LearnerSettings: {message}")
         if not isinstance(self.loss, LossSettings):
             raise TypeError(
-                f"LearnerSettings.loss must be a segr1.grpo.LossSettings, got {type(self.loss).__name__}"
+                f"LearnerSettings.loss must be a segr1.core.grpo.LossSettings, got {type(self.loss).__name__}"
             )
         if isinstance(self.deepspeed_config, str) and not Path(self.deepspeed_config).is_file():
             raise ValueError(f"LearnerSettings: deepspeed_config {self.deepspeed_config} is not a file")
@@ -229,12 +229,12 @@ class LearnerWorker:
     def master_address(self, secret: str) -> tuple[str, int]:
         """Rank 0: serve the group's rendezvous on this node's address; returns (host, port).
 
-        The store (``segr1.rendezvous``) listens on that address only, at a port the OS picks,
+        The store (``segr1.weightsync.rendezvous``) listens on that address only, at a port the OS picks,
         and admits the ranks that prove ``secret``, the job's. It stays up until ``shutdown``:
         the groups DeepSpeed creates later (``new_group``) form through it too.
         """
         from learner.weight_sender import node_ip
-        from segr1.rendezvous import RendezvousServer
+        from segr1.weightsync.rendezvous import RendezvousServer
 
         self._rendezvous = RendezvousServer(node_ip(), secret)
         return self._rendezvous.host, self._rendezvous.port
@@ -252,7 +252,7 @@ class LearnerWorker:
         from deepspeed.constants import default_pg_timeout
 
         from learner.weight_sender import node_ip
-        from segr1.rendezvous import RendezvousStore
+        from segr1.weightsync.rendezvous import RendezvousStore
 
         on_gpu = torch.cuda.is_available()
         backend = "nccl" if on_gpu else "gloo"

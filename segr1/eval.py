@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_models(args: argparse.Namespace) -> tuple[str, str, str]:
     """(policy directory, SAM2 config, SAM2 checkpoint); 'tiny' builds or reuses the tiny models."""
     if args.policy == TINY:
-        from segr1.tiny import build_qwen
+        from segr1.testing.tiny import build_qwen
 
         policy = str(build_qwen())
     else:
@@ -96,7 +96,7 @@ def resolve_models(args: argparse.Namespace) -> tuple[str, str, str]:
             raise EvalError(f"{path}: not a Hugging Face model directory (no config.json)")
         policy = str(path.resolve())
     if args.sam2_checkpoint == TINY:
-        from segr1.tiny import SAM2_TINY_CONFIG
+        from segr1.testing.tiny import SAM2_TINY_CONFIG
 
         return policy, args.sam2_config or SAM2_TINY_CONFIG, TINY
     checkpoint = Path(args.sam2_checkpoint).expanduser()
@@ -143,7 +143,7 @@ def ray_predictor(args: argparse.Namespace, settings: Any) -> Iterator[Any]:
     import ray
 
     from segr1.evaluation.runner import RayPredictor
-    from segr1.ray_cluster import connect
+    from segr1.runtime.ray_cluster import connect
 
     info = connect(address=args.ray_address, num_cpus=args.num_cpus)
     try:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
-from typing import Any
 
-from segr1.config import Config, load_config
-from segr1.configtools import ConfigError
-from segr1.storage import StorageError
+from segr1.runtime.storage import StorageError
+from segr1.train.config import Config, load_config
+from segr1.train.configtools import ConfigError
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -28,30 +26,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--config", default="tiny", help="preset (tiny, prerl, cod, sod) or a YAML file")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     return parser.parse_known_args(argv)
-
-
-@dataclass
-class Job:
-    """Everything a run holds on to, so it can be shut down in one place."""
-
-    trainer: Any
-    rollout: Any
-    reward: Any
-    learner: Any
-    monitor: Any
-    placements: list[Any]
-    owns_cluster: bool
-
-    def shutdown(self) -> None:
-        import ray
-
-        self.monitor.close()
-        for role in (self.rollout, self.reward, self.learner):
-            role.shutdown()
-        for placement in self.placements:
-            placement.remove()
-        if self.owns_cluster:
-            ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(config: Config) -> dict[str, float]:
     """Run the job described by ``config``; returns the last step's metrics."""
-    from segr1.job import build_job
+    from segr1.train.job import build_job
 
     job = build_job(config, config.trainer.output_dir)
     try:

@@ -17,7 +17,7 @@ import pytest
 # processes. Must be set before anything imports vllm.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from segr1.tiny import Sam2Checkpoint, build_qwen, build_sam2  # noqa: E402
+from segr1.testing.tiny import Sam2Checkpoint, build_qwen, build_sam2  # noqa: E402
 
 VLLM_MAX_MODEL_LEN = 1024
 
@@ -60,12 +60,12 @@ def ray_cluster() -> Iterator[None]:
     Four logical CPUs on a 2-core machine: actors ask for fractions, and the tests need rollout,
     reward and learner actors alive at once, not four cores of throughput. Workers inherit this
     process's environment, including the in-process vLLM switch set above. Started the way the
-    job starts one (``segr1.ray_cluster``'s single-machine mode): without it Ray takes the
+    job starts one (``segr1.runtime.ray_cluster``'s single-machine mode): without it Ray takes the
     machine's network address and its workers listen on every interface.
     """
     import ray
 
-    from segr1.ray_cluster import _single_machine_mode
+    from segr1.runtime.ray_cluster import _single_machine_mode
 
     if not ray.is_initialized():
         with _single_machine_mode():

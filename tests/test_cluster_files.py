@@ -1,5 +1,5 @@
 """The files in cluster/ against Ray's own autoscaler schema and against the job they must carry,
-plus segr1.ray_cluster's placement helpers (pure parts fast, on a real local Ray marked slow)."""
+plus segr1.runtime.ray_cluster's placement helpers (pure parts fast, on a real local Ray marked slow)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from ray._raylet import AuthenticationTokenLoader
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
 
-from segr1.config import load_config
-from segr1.ray_cluster import (
+from segr1.runtime.ray_cluster import (
     MARKER_PER_BUNDLE,
     NODE_MARKERS,
     ROLES,
@@ -33,8 +32,9 @@ from segr1.ray_cluster import (
     node_roles,
     place_roles,
     role_placement,
-    role_requests,
 )
+from segr1.train.config import load_config
+from segr1.train.job import role_requests
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -56,7 +56,7 @@ def segr1_args(command: str) -> list[str]:
 
 
 def job_config(args: list[str]):
-    """``--config NAME`` plus dotted overrides, loaded and validated by segr1.config."""
+    """``--config NAME`` plus dotted overrides, loaded and validated by segr1.train.config."""
     i = args.index("--config")
     return load_config(args[i + 1], args[:i] + args[i + 2:])
 

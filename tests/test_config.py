@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from segr1.config import PRESETS, Config, config_dict, load_config
-from segr1.configtools import ConfigError, from_dict, parse_overrides, read_yaml, write_yaml
+from segr1.train.config import PRESETS, Config, config_dict, load_config
+from segr1.train.configtools import ConfigError, from_dict, parse_overrides, read_yaml, write_yaml
 
 
 @pytest.mark.parametrize("preset", PRESETS)

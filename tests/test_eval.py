@@ -17,6 +17,8 @@ import py_sod_metrics as reference
 import pytest
 from PIL import Image
 
+from segr1.core.prompts import answer_text
+from segr1.core.segment import BoxSegmenter
 from segr1.data.records import DatasetError
 from segr1.evaluation import JobOptions, LoadOptions, ResultStore, parse_benchmark, run_job
 from segr1.evaluation.gallery import pick_cases
@@ -24,8 +26,6 @@ from segr1.evaluation.masks import AnnotationError, coco_rle_to_mask, rle_counts
 from segr1.evaluation.reasonseg import Shape, rasterise_shapes
 from segr1.evaluation.results import RECORDS_FILE, EvalError, EvalResult, read_mask_png
 from segr1.evaluation.scoring import evaluate_benchmark, local_predictor
-from segr1.prompts import answer_text
-from segr1.segment import BoxSegmenter
 
 POLICY = 64  # policy image side in these tests
 GARBAGE = "I cannot see <bbox>[1, 2, three]</bbox> anything"
@@ -481,8 +481,8 @@ def test_ray_run_with_tiny_models_counts_empty_masks_and_resumes(
     """The real path: vLLM rollout actor + SAM2 reward actor over the tiny random models. Most
     random completions do not parse: those must be empty masks, counted; the metrics must equal
     the ones computed by hand from the saved PNGs; a second run must redo nothing."""
+    from segr1.core.parser import parse_completion
     from segr1.eval import main
-    from segr1.parser import parse_completion
 
     out = tmp_path / "out"
     argv = [

@@ -17,16 +17,16 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from actors.reward import RewardActor, RewardSettings
 from learner.inputs import load_processor, process_prompt
+from segr1.core.frames import PixelBounds, policy_frame, processor_bounds, to_policy_frame
+from segr1.core.metrics import intersection_union
+from segr1.core.prompts import answer_text
+from segr1.core.schema import Completion, PromptItem, RolloutGroup
+from segr1.core.segment import BoxSegmenter
 from segr1.data import Record
 from segr1.evaluation.datasets import Example, Sample
 from segr1.evaluation.scoring import local_predictor
-from segr1.frames import PixelBounds, policy_frame, processor_bounds, to_policy_frame
-from segr1.metrics import intersection_union
-from segr1.prompt_source import PromptSource
-from segr1.prompts import answer_text
-from segr1.schema import Completion, PromptItem, RolloutGroup
-from segr1.segment import BoxSegmenter
-from segr1.sft import answer_for_mask
+from segr1.train.prompt_source import PromptSource
+from segr1.train.sft import answer_for_mask
 
 QWEN_3B = (3136, 12845056)  # Qwen2.5-VL-3B-Instruct's preprocessor_config min/max pixels
 EXPORT = (3136, 768 * 768)  # segr1's model.min_pixels/max_pixels default, which an export saves

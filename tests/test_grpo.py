@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from segr1.grpo import (
+from segr1.core.grpo import (
     LossSettings,
     aggregate,
     entropy_from_logits,

@@ -25,7 +25,7 @@ LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 # place the three roles. It prints one JSON line for the test to read.
 JOB_CODE = """
 import json, ray, segr1, actors, learner
-from segr1.ray_cluster import RoleRequest, connect, place_roles
+from segr1.runtime.ray_cluster import RoleRequest, connect, place_roles
 
 info = connect(None, None)
 placements = place_roles(

@@ -23,10 +23,10 @@ import torch
 from learner import checkpoint as ckpt
 from learner.inputs import PromptCache, collate, completion_logits, plan_micro_batches, process_prompt, token_logprobs
 from learner.worker import LearnerSettings, deepspeed_config, lr_factor
-from segr1.grpo import LossSettings, grpo_loss
-from segr1.prompts import build_messages, render_prompt
-from segr1.schema import TrainSample, prompt_digest
-from segr1.storage import Storage
+from segr1.core.grpo import LossSettings, grpo_loss
+from segr1.core.prompts import build_messages, render_prompt
+from segr1.core.schema import TrainSample, prompt_digest
+from segr1.runtime.storage import Storage
 
 TEXT_VOCAB = 1024  # the tiny tokenizer's BPE ids; special and vision tokens come after
 
@@ -77,7 +77,7 @@ def test_plan_rejects_bad_batches():
 def test_settings_and_deepspeed_config(tmp_path):
     with pytest.raises(ValueError, match="zero_stage"):
         LearnerSettings(model_path="m", zero_stage=4)
-    with pytest.raises(TypeError, match="loss must be a segr1.grpo.LossSettings"):
+    with pytest.raises(TypeError, match="loss must be a segr1.core.grpo.LossSettings"):
         LearnerSettings(model_path="m", loss={"kl_coef": 0.04})
     with pytest.raises(ValueError, match="deepspeed_config .* is not a file"):
         LearnerSettings(model_path="m", deepspeed_config=str(tmp_path / "missing.json"))
@@ -425,7 +425,7 @@ def _check_weight_sync_sends_the_exported_weights(group, model_dir: Path) -> Non
 
     from transformers import AutoModelForImageTextToText
 
-    from segr1.weight_sync import BucketPlan, join_group, receive_buckets
+    from segr1.weightsync.weight_sync import BucketPlan, join_group, receive_buckets
 
     host, port = group.weight_sync_address()
     with ThreadPoolExecutor(max_workers=1) as pool:

@@ -6,7 +6,7 @@ import numpy as np
 import py_sod_metrics as reference
 import pytest
 
-from segr1 import metrics
+from segr1.core import metrics
 
 TOL = 1e-6
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from segr1.monitor import Monitor
+from segr1.train.monitor import Monitor
 
 
 def _log_steps(monitor: Monitor, steps: range, loss: float) -> None:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segr1.parser import PRERL_FORMAT, RL_FORMAT, ParserLimits, PromptSet, parse_completion
-from segr1.prompts import answer_text
+from segr1.core.parser import PRERL_FORMAT, RL_FORMAT, ParserLimits, PromptSet, parse_completion
+from segr1.core.prompts import answer_text
 
 SIZE = (768, 512)  # (width, height): non-square so x and y cannot be swapped unnoticed
 

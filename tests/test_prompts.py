@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segr1.parser import PRERL_FORMAT, RL_FORMAT, parse_completion
-from segr1.prompts import SYSTEM_PROMPT, TASKS, answer_format, answer_text, build_messages, render_prompt
+from segr1.core.parser import PRERL_FORMAT, RL_FORMAT, parse_completion
+from segr1.core.prompts import SYSTEM_PROMPT, TASKS, answer_format, answer_text, build_messages, render_prompt
 
 
 def _user_text(messages: list[dict]) -> str:
@@ -69,7 +69,7 @@ def test_answer_text_refuses_inconsistent_input():
 def test_render_prompt_with_the_tiny_qwen_processor():
     from transformers import AutoProcessor
 
-    from segr1.tiny import build_qwen
+    from segr1.testing.tiny import build_qwen
 
     processor = AutoProcessor.from_pretrained(build_qwen())
     text = render_prompt(processor, build_messages("refer", "the red car"))
@@ -84,8 +84,8 @@ def test_prompt_source_asks_each_record_as_its_own_task_unless_told():
     from transformers import AutoProcessor
 
     from segr1.data import Record
-    from segr1.prompt_source import PromptSource
-    from segr1.tiny import build_qwen
+    from segr1.testing.tiny import build_qwen
+    from segr1.train.prompt_source import PromptSource
 
     processor = AutoProcessor.from_pretrained(build_qwen())
     image, mask = np.zeros((28, 28, 3), np.uint8), np.ones((28, 28), bool)

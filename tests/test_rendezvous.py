@@ -17,8 +17,15 @@ import torch.distributed as dist
 from test_weight_sync import form_group, model_tensors, receive_all, run_ranks
 
 from learner.weight_sender import WeightSender, weight_meta
-from segr1.rendezvous import MAGIC, NONCE_BYTES, RendezvousRefused, RendezvousServer, RendezvousStore, new_secret
-from segr1.weight_sync import join_group
+from segr1.weightsync.rendezvous import (
+    MAGIC,
+    NONCE_BYTES,
+    RendezvousRefused,
+    RendezvousServer,
+    RendezvousStore,
+    new_secret,
+)
+from segr1.weightsync.weight_sync import join_group
 
 SHORT = datetime.timedelta(seconds=5)
 REFUSED = "refused this client: wrong or missing job secret"

@@ -20,13 +20,13 @@ from PIL import Image
 from ray.exceptions import RayActorError
 
 from actors.reward import RewardActor, RewardSettings, actor_options, make_reward_pool
+from segr1.core.parser import parse_completion
+from segr1.core.prompts import answer_text
+from segr1.core.rewards import RewardWeights, score
+from segr1.core.schema import Completion, PromptItem, RolloutGroup
+from segr1.core.segment import MaskPrompt
 from segr1.data.records import decode_mask, encode_jpeg, encode_mask
 from segr1.data.synth import synth_record
-from segr1.parser import parse_completion
-from segr1.prompts import answer_text
-from segr1.rewards import RewardWeights, score
-from segr1.schema import Completion, PromptItem, RolloutGroup
-from segr1.segment import MaskPrompt
 
 IMAGE_W, IMAGE_H = 96, 80  # not square, to catch swapped axes
 POLICY_SIZE = (192, 160)  # the policy saw the image at twice the size: coordinates must be scaled
@@ -207,7 +207,7 @@ def sam2_actor(tiny_sam2):
 @pytest.fixture(scope="module")
 def reference_predictor(tiny_sam2):
     """An independent SAM2ImagePredictor from the same checkpoint, used as SAM2's own reference."""
-    from segr1.sam2_model import load_sam2_predictor
+    from segr1.segmenters.sam2_model import load_sam2_predictor
 
     return load_sam2_predictor(tiny_sam2.config, tiny_sam2.checkpoint, image_size=tiny_sam2.image_size)
 
@@ -329,7 +329,7 @@ def test_identical_prompts_are_decoded_once(sam2_actor, record):
 
 @pytest.mark.slow
 def test_bf16_autocast_runs_and_stays_close_to_float32(tiny_sam2, sam2_actor, record):
-    from segr1.sam2_segmenter import load_sam2_segmenter
+    from segr1.segmenters.sam2_segmenter import load_sam2_segmenter
 
     bf16 = load_sam2_segmenter(tiny_sam2.config, tiny_sam2.checkpoint, tiny_sam2.image_size, autocast_bf16=True)
     prompts = [MaskPrompt(np.array([10.0, 10.0, 70.0, 60.0]), np.array([[30.0, 30.0]]), np.array([1])),
@@ -357,7 +357,7 @@ def test_padding_to_a_common_length_would_change_masks(sam2_actor, record):
 def test_padded_decoding_batches_a_group_and_equals_padded_one_by_one(sam2_actor, record):
     """pad_to=N: every prompt of up to N tokens in one batch; each mask is that prompt decoded alone
     with N - length not-a-point tokens added, whatever else is in the batch."""
-    from segr1.sam2_segmenter import Sam2Segmenter, num_tokens
+    from segr1.segmenters.sam2_segmenter import Sam2Segmenter, num_tokens
 
     exact = sam2_actor.segmenter
     padded = Sam2Segmenter(exact.predictor, chunk_size=16, pad_to=4)

@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segr1.metrics import smeasure
-from segr1.parser import PRERL_FORMAT, RL_FORMAT, parse_completion
-from segr1.rewards import RewardWeights, score, score_group
+from segr1.core.metrics import smeasure
+from segr1.core.parser import PRERL_FORMAT, RL_FORMAT, parse_completion
+from segr1.core.rewards import RewardWeights, score, score_group
 
 GOOD = "<think>a square</think> <bbox>[2,2,6,6]</bbox>, <points>[[3,3]]</points>, <labels>[1]</labels>"
 

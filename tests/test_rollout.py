@@ -22,10 +22,10 @@ import torch
 from actors.rollout import RolloutActor, RolloutSettings, SamplingSettings
 from learner.inputs import PromptCache, collate, completion_logits, load_processor, process_prompt, token_logprobs
 from learner.weight_sender import WeightSender, weight_meta
-from segr1.frames import PixelBounds
-from segr1.prompts import build_messages, render_prompt
-from segr1.schema import PromptItem, RolloutGroup, SampleScore, ScoredGroup, TrainSample, train_samples
-from segr1.weight_sync import WeightSyncError
+from segr1.core.frames import PixelBounds
+from segr1.core.prompts import build_messages, render_prompt
+from segr1.core.schema import PromptItem, RolloutGroup, SampleScore, ScoredGroup, TrainSample, train_samples
+from segr1.weightsync.weight_sync import WeightSyncError
 
 pytestmark = pytest.mark.slow
 

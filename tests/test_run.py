@@ -20,10 +20,10 @@ import ray
 from ray_head import REPO, start_ray_head
 
 from actors.rollout import SamplingSettings
-from segr1.config import load_config
-from segr1.job import build_job
-from segr1.rendezvous import RendezvousRefused, RendezvousStore
-from segr1.schema import TrainSample
+from segr1.core.schema import TrainSample
+from segr1.train.config import load_config
+from segr1.train.job import build_job
+from segr1.weightsync.rendezvous import RendezvousRefused, RendezvousStore
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,7 @@ def test_sync_job_trains_and_engines_hold_the_learners_weights(ray_cluster, tmp_
 def test_a_run_on_s3_checkpoints_exports_and_resumes_there(ray_cluster, s3_uri):
     """trainer.output_dir as a URI: checkpoints and the export go to the bucket, the driver's logs
     are uploaded beside them, and a resume (with no local files) continues from the bucket."""
-    from segr1.storage import Storage
+    from segr1.runtime.storage import Storage
 
     run = Storage(s3_uri).child("job")
     for steps in ("2", "3"):

@@ -5,8 +5,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from segr1.parser import PromptSet, parse_completion
-from segr1.segment import BoxSegmenter, MaskPrompt, masks_for_group, prompts_for
+from segr1.core.parser import PromptSet, parse_completion
+from segr1.core.segment import BoxSegmenter, MaskPrompt, masks_for_group, prompts_for
 
 
 def _ps(boxes=(), points=(), labels=()) -> PromptSet:

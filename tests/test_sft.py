@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from segr1.parser import parse_completion
-from segr1.prompts import answer_format
-from segr1.sft import answer_for_mask, random_answer, sft_samples
+from segr1.core.parser import parse_completion
+from segr1.core.prompts import answer_format
+from segr1.train.sft import answer_for_mask, random_answer, sft_samples
 
 
 def _mask() -> np.ndarray:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from learner import checkpoint as ckpt
-from segr1.storage import Storage, StorageError, absolute
+from segr1.runtime.storage import Storage, StorageError, absolute
 
 
 def test_a_relative_path_names_one_absolute_folder(tmp_path, monkeypatch):

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segr1.sam2_model import load_sam2_predictor
-from segr1.tiny import (
+from segr1.segmenters.sam2_model import load_sam2_predictor
+from segr1.testing.tiny import (
     MAX_PIXELS,
     Sam2Checkpoint,
     _build_once,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from segr1.config import load_config
-from segr1.trainer import Trainer
+from segr1.train.config import load_config
+from segr1.train.trainer import Trainer
 
 
 def test_evaluate_without_held_out_prompts_says_what_to_set(tmp_path):
@@ -38,7 +38,7 @@ class _Restores:
 def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path, state, kept):
     import json
 
-    from segr1.monitor import Monitor
+    from segr1.train.monitor import Monitor
 
     monitor = Monitor(tmp_path, total_steps=10, ray_metrics=False)
     for step in range(1, 8):  # the stopped run got to step 7

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from learner.weight_sender import WeightSender, weight_meta
-from segr1.weight_sync import (
+from segr1.weightsync.weight_sync import (
     ALIGN_BYTES,
     BucketPlan,
     WeightSyncError,

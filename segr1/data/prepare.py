@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import io
 from collections import Counter
-from contextlib import closing
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

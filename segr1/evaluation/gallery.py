@@ -1,6 +1,6 @@
 """An HTML gallery of the best and worst predictions of each benchmark, ranked by IoU.
 
-Each case is one picture of three panels (`segr1.draw.panel`, the same picture the training job
+Each case is one picture of three panels (`segr1.core.draw.panel`, the same picture the training job
 dumps): the image, the ground truth in green, and the prediction in red with the policy's boxes
 and points drawn on it. The page is one self-contained HTML file that refers to the pictures by
 relative paths, so the folder can be copied or served as is. Text from the model and the dataset is
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segr1.draw import panel
+from segr1.core.draw import panel
 from segr1.evaluation.datasets import Benchmark, Example, Sample
 from segr1.evaluation.results import EvalResult, ResultStore, write_bytes_atomic
 

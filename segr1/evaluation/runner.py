@@ -5,7 +5,7 @@ Per example: the driver loads the image at its original size, resizes a copy to 
 paper's square input), renders the task prompt and puts both images and the ground truth in the
 object store once. The policy's processor resizes that square once more (sides multiples of 28
 within the checkpoint's pixel bounds: 768 -> 756), and its coordinates are in that frame
-(``segr1.frames``), which each prompt carries as ``policy_size``. A rollout actor generates (greedy
+(``segr1.core.frames``), which each prompt carries as ``policy_size``. A rollout actor generates (greedy
 by default: temperature 0, n = 1); the group then goes to a reward actor with its image swapped
 for the original, so SAM2 runs on the full-resolution image and the actor scales the policy's
 coordinates by original / policy frame. The actor returns the mask as PNG. Rollouts and scoring
@@ -25,13 +25,13 @@ import ray
 
 from actors.reward import RewardSettings, make_reward_pool
 from actors.rollout import RolloutPool, RolloutSettings, SamplingSettings
+from segr1.core.frames import processor_bounds
+from segr1.core.parser import ParserLimits, parse_completion
+from segr1.core.prompts import build_messages, render_prompt
+from segr1.core.schema import PromptItem, RolloutGroup
 from segr1.data.records import decode_mask
 from segr1.evaluation.datasets import Example, Sample
 from segr1.evaluation.scoring import Prediction, policy_image
-from segr1.frames import processor_bounds
-from segr1.parser import ParserLimits, parse_completion
-from segr1.prompts import build_messages, render_prompt
-from segr1.schema import PromptItem, RolloutGroup
 
 GREEDY = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=400)
 

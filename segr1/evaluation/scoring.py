@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from segr1.core.frames import PixelBounds
+from segr1.core.metrics import IoUAccumulator, SODMetrics, intersection_union
+from segr1.core.parser import ParserLimits, PromptSet, parse_completion
+from segr1.core.prompts import answer_format
+from segr1.core.segment import Segmenter, masks_for_group
 from segr1.evaluation.datasets import FOREGROUND_TASKS, Benchmark, Example, Sample
 from segr1.evaluation.results import EvalError, EvalResult, ResultStore, mask_file_name
-from segr1.frames import PixelBounds
-from segr1.metrics import IoUAccumulator, SODMetrics, intersection_union
-from segr1.parser import ParserLimits, PromptSet, parse_completion
-from segr1.prompts import answer_format
-from segr1.segment import Segmenter, masks_for_group
 
 
 @dataclass

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from segr1.metrics import as_gt, as_pred, iou, smeasure
-from segr1.parser import RL_FORMAT, AnswerFormat, PromptSet
+from segr1.core.metrics import as_gt, as_pred, iou, smeasure
+from segr1.core.parser import RL_FORMAT, AnswerFormat, PromptSet
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ running cluster has markers, every bundle of a role asks for a sliver of its mar
 on one node (that limit is the node's GPUs). Without markers (a laptop, a CPU-only test node) the
 bundles ask for CPUs and GPUs only and everything shares whatever nodes exist.
 
-``python -m segr1.ray_cluster node-resources CONFIG`` prints the marker resources of the machine it
+``python -m segr1.runtime.ray_cluster node-resources CONFIG`` prints the marker resources of the machine it
 runs on, read from an on-premise cluster YAML (see ``cluster/onprem.yaml``): Ray's ``local``
 provider has a single node type, so roles are assigned per machine there.
 """
@@ -30,14 +30,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-if TYPE_CHECKING:
-    from segr1.config import Config
 
 ROLES = ("rollout", "reward", "learner")
 NODE_MARKERS = {role: f"{role}_node" for role in ROLES}
@@ -169,25 +166,6 @@ class RoleRequest:
             raise ValueError(f"{self.role}: num_cpus and num_gpus must be >= 0")
         if self.num_cpus == 0 and self.num_gpus == 0:
             raise ValueError(f"{self.role}: each actor needs some CPU or GPU (Ray rejects empty bundles)")
-
-
-def role_requests(config: Config, use_gpus: bool) -> list[RoleRequest]:
-    """The three roles' requests from the job config; ``use_gpus=False`` on a cluster without GPUs.
-
-    The configs ask for GPUs (the paper's setup); on a CPU-only cluster the caller passes
-    ``use_gpus=info.num_gpus > 0`` and the same job runs with CPU-only bundles.
-    """
-    def gpus(n: float) -> float:
-        return float(n) if use_gpus else 0.0
-
-    return [
-        RoleRequest("rollout", config.rollout.num_actors, config.rollout.num_cpus_per_actor,
-                    gpus(config.rollout.num_gpus_per_actor)),
-        RoleRequest("reward", config.reward.num_actors, config.reward.num_cpus_per_actor,
-                    gpus(config.reward.num_gpus_per_actor)),
-        RoleRequest("learner", config.learner.num_workers, config.learner.num_cpus_per_worker,
-                    gpus(config.learner.num_gpus_per_worker)),
-    ]
 
 
 def bundle_for(request: RoleRequest, cluster_resources: dict[str, float]) -> dict[str, float]:
@@ -345,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or args[0] != "node-resources":
-        print("usage: python -m segr1.ray_cluster node-resources CLUSTER_YAML", file=sys.stderr)
+        print("usage: python -m segr1.runtime.ray_cluster node-resources CLUSTER_YAML", file=sys.stderr)
         return 2
     path = Path(args[1]).expanduser()
     config = yaml.safe_load(path.read_text())

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from segr1.parser import PromptSet
+from segr1.core.parser import PromptSet
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,7 +2,7 @@
 
 ``load_config("tiny", ["--rollout.num_actors", "8"])`` is the only way a job gets its settings, and
 ``validate`` is the only place that judges them, so an error always names the offending key.
-Presets ship inside the package (``segr1/presets/*.yaml``) and only list what differs from the
+Presets ship inside the package (``segr1/train/presets/*.yaml``) and only list what differs from the
 defaults below.
 """
 
@@ -13,17 +13,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from segr1.configtools import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
-from segr1.grpo import LossSettings
-from segr1.parser import ParserLimits
-from segr1.rewards import RewardWeights
+from segr1.core.grpo import LossSettings
+from segr1.core.parser import ParserLimits
+from segr1.core.rewards import RewardWeights
+from segr1.train.configtools import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
 
 PRESETS = ("tiny", "prerl", "cod", "sod")
 
 
 @dataclass
 class ModelConfig:
-    """The policy. ``path: tiny`` builds the tiny random Qwen2.5-VL from ``segr1.tiny``."""
+    """The policy. ``path: tiny`` builds the tiny random Qwen2.5-VL from ``segr1.testing.tiny``."""
 
     path: str = "tiny"
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
@@ -168,7 +168,7 @@ class Config:
 
 
 def preset_path(name: str) -> Path:
-    return Path(str(resources.files("segr1") / "presets" / f"{name}.yaml"))
+    return Path(str(resources.files("segr1.train") / "presets" / f"{name}.yaml"))
 
 
 def load_config(source: str = "tiny", overrides: list[str] | None = None) -> Config:

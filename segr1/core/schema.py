@@ -24,7 +24,7 @@ class PromptItem:
     prompt: str
     image: Any  # ObjectRef (or, in-process, the array itself) of a uint8 HxWx3 RGB image
     # (width, height) of the image as the policy's processor resizes it: the frame of its answers
-    # (segr1.frames), not the stored image's size
+    # (segr1.core.frames), not the stored image's size
     policy_size: tuple[int, int]
     task: str = "cod"
 

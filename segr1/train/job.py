@@ -1,13 +1,14 @@
 """Wiring: from a ``Config`` to running rollout, reward and learner roles and a ``Trainer``.
 
-This and ``segr1.run`` are the only modules of ``segr1`` that import ``actors`` and ``learner``.
+The driver layer (``segr1.train``, ``segr1.evaluation``) is the only part of ``segr1`` that
+imports ``actors`` and ``learner``; the import-linter contracts in ``pyproject.toml`` say so.
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +19,40 @@ from actors.rollout import RolloutPool, RolloutSettings, SamplingSettings
 from learner.group import LearnerGroup
 from learner.inputs import load_processor
 from learner.worker import LearnerSettings
-from segr1 import tiny
-from segr1.config import Config, config_dict
-from segr1.configtools import write_yaml
 from segr1.data import ShardReader, read_manifest, write_synth
-from segr1.monitor import Monitor
-from segr1.pipeline import Pipeline, prompts_per_call
-from segr1.prompt_source import PromptSource
-from segr1.ray_cluster import connect, place_roles, role_requests
-from segr1.storage import Storage, StorageError
-from segr1.trainer import LOG_NAMES, Trainer
+from segr1.runtime.ray_cluster import RoleRequest, connect, place_roles
+from segr1.runtime.storage import Storage, StorageError
+from segr1.testing import tiny
+from segr1.train.config import Config, config_dict
+from segr1.train.configtools import write_yaml
+from segr1.train.monitor import Monitor
+from segr1.train.pipeline import Pipeline, prompts_per_call
+from segr1.train.prompt_source import PromptSource
+from segr1.train.trainer import LOG_NAMES, Trainer
 
 log = logging.getLogger("segr1")
+
+
+@dataclass
+class Job:
+    """Everything a run holds on to, so it can be shut down in one place."""
+
+    trainer: Any
+    rollout: Any
+    reward: Any
+    learner: Any
+    monitor: Any
+    placements: list[Any]
+    owns_cluster: bool
+
+    def shutdown(self) -> None:
+        self.monitor.close()
+        for role in (self.rollout, self.reward, self.learner):
+            role.shutdown()
+        for placement in self.placements:
+            placement.remove()
+        if self.owns_cluster:
+            ray.shutdown()
 
 
 class WeightSync:
@@ -83,6 +106,25 @@ def resolve_model(config: Config) -> str:
     return str(path.resolve()) if path.exists() else config.model.path
 
 
+def role_requests(config: Config, use_gpus: bool) -> list[RoleRequest]:
+    """The three roles' requests from the job config; ``use_gpus=False`` on a cluster without GPUs.
+
+    The configs ask for GPUs (the paper's setup); on a CPU-only cluster the caller passes
+    ``use_gpus=info.num_gpus > 0`` and the same job runs with CPU-only bundles.
+    """
+    def gpus(n: float) -> float:
+        return float(n) if use_gpus else 0.0
+
+    return [
+        RoleRequest("rollout", config.rollout.num_actors, config.rollout.num_cpus_per_actor,
+                    gpus(config.rollout.num_gpus_per_actor)),
+        RoleRequest("reward", config.reward.num_actors, config.reward.num_cpus_per_actor,
+                    gpus(config.reward.num_gpus_per_actor)),
+        RoleRequest("learner", config.learner.num_workers, config.learner.num_cpus_per_worker,
+                    gpus(config.learner.num_gpus_per_worker)),
+    ]
+
+
 def reward_settings(config: Config) -> RewardSettings:
     sam2, reward = config.sam2, config.reward
     config_name, checkpoint, image_size = sam2.config, sam2.checkpoint, sam2.image_size
@@ -128,11 +170,9 @@ def run_dir(storage: Storage, resume: bool) -> Path:
     return path
 
 
-def build_job(config: Config, output_dir: str | Path) -> Any:
+def build_job(config: Config, output_dir: str | Path) -> Job:
     """Start every role of the run whose checkpoints and export go under ``output_dir`` (a path,
     made absolute here, or a pyarrow.fs URI); the learner proves it reaches it before training."""
-    from segr1.run import Job
-
     storage = Storage(output_dir)
     model_path = resolve_model(config)
     config = replace(

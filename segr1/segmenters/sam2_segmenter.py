@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segr1.segment import MaskPrompt
+from segr1.core.segment import MaskPrompt
 
 _BOX_LABELS = (2, 3)  # SAM's labels for a box's top-left and bottom-right corners
 DEFAULT_CPU_CHUNK = 8
@@ -249,7 +249,7 @@ def load_sam2_segmenter(
     pad_to: int = 0,
 ) -> Sam2Segmenter:
     """Build SAM2 once from a config name inside the sam2 package and a checkpoint, on ``device``."""
-    from segr1.sam2_model import load_sam2_predictor
+    from segr1.segmenters.sam2_model import load_sam2_predictor
 
     predictor = load_sam2_predictor(config, checkpoint, image_size=image_size, device=device)
     return Sam2Segmenter(predictor, autocast_bf16=autocast_bf16, chunk_size=chunk_size, pad_to=pad_to)

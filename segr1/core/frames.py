@@ -6,7 +6,7 @@ the aspect ratio as well as it can, and the model's coordinates live in that res
 768 px image is seen at 756, a 1024 px one at 1036 under Qwen2.5-VL-3B's bounds and at 756 under
 a max of 768 x 768. An answer read in the stored image's frame is off by that ratio (1.6 % at 768,
 35 % at 1024 -> 756), so every place an answer meets an image (rewards, SFT targets, evaluation,
-pictures, serving) takes the frame from here and maps with ``segr1.segment.prompts_for`` (policy
+pictures, serving) takes the frame from here and maps with ``segr1.core.segment.prompts_for`` (policy
 frame -> image) or ``to_policy_frame`` (image -> policy frame).
 
 Pure: no transformers import. ``policy_frame`` is the processor's own rule (``smart_resize`` in
@@ -89,7 +89,7 @@ def to_policy_frame(
 ) -> np.ndarray:
     """Coordinates (..., 2k) as x, y pairs in the image's pixels, mapped into the policy's frame.
 
-    The inverse of the scaling in ``segr1.segment.prompts_for``: what an answer must say for the
+    The inverse of the scaling in ``segr1.core.segment.prompts_for``: what an answer must say for the
     policy to point at these pixels (SFT targets are written with it).
     """
     scale = np.array([policy_size[0] / image_size[0], policy_size[1] / image_size[1]])

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from segr1.core.frames import processor_bounds
+from segr1.core.prompts import build_messages, render_prompt
+from segr1.core.schema import PromptItem
 from segr1.data import Record, ShardReader
-from segr1.frames import processor_bounds
-from segr1.prompts import build_messages, render_prompt
-from segr1.schema import PromptItem
 
 TEXT_TASKS = ("refer", "reason")
 

@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from segr1.config import Config
-from segr1.draw import png_to_mask
-from segr1.grpo import group_advantages, zero_variance_groups
-from segr1.monitor import Monitor, SampleView
-from segr1.parser import parse_completion
-from segr1.pipeline import Pipeline, ScoredPrompt
-from segr1.prompt_source import IssuedPrompt, PromptSource
-from segr1.schema import train_samples
-from segr1.storage import Storage, shown
+from segr1.core.draw import png_to_mask
+from segr1.core.grpo import group_advantages, zero_variance_groups
+from segr1.core.parser import parse_completion
+from segr1.core.schema import train_samples
+from segr1.runtime.storage import Storage, shown
+from segr1.train.config import Config
+from segr1.train.monitor import Monitor, SampleView
+from segr1.train.pipeline import Pipeline, ScoredPrompt
+from segr1.train.prompt_source import IssuedPrompt, PromptSource
 
 log = logging.getLogger("segr1")
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from segr1.draw import panel
+from segr1.core.draw import panel
 
 log = logging.getLogger("segr1")
 

@@ -1,6 +1,6 @@
 """Dataclass <-> YAML plumbing: strict loading, dotted overrides, saving.
 
-Kept apart from the schema in ``segr1.config`` so the schema reads as a plain list of settings.
+Kept apart from the schema in ``segr1.train.config`` so the schema reads as a plain list of settings.
 Loading is strict on purpose: an unknown key or a value of the wrong type is a typo in the user's
 YAML or command line, and silently ignoring it would run a different experiment than they asked for.
 """

@@ -12,7 +12,7 @@ on the sender and handed to every receiver with the control call of a sync.
 
 Why a dedicated group: the learner's ranks already form DeepSpeed's default process group, and
 the rollout workers live in other processes (and on other nodes) with vLLM's own groups. A
-rendezvous store served from the learner's node (``segr1.rendezvous``: bound to the address the
+rendezvous store served from the learner's node (``segr1.weightsync.rendezvous``: bound to the address the
 group uses, open only to holders of the job's secret) plus a ``ProcessGroupGloo`` /
 ``ProcessGroupNCCL`` built on it joins learner rank 0 (rank 0) and every rollout engine worker
 (ranks 1..N) without touching anyone's default group.
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from segr1.rendezvous import RendezvousStore
+from segr1.weightsync.rendezvous import RendezvousStore
 
 ALIGN_BYTES = 64  # every tensor starts on a 64-byte boundary, so dtype views of the buffer are legal
 HEADER_BYTES = 64  # each bucket's buffer starts with [status, bucket index] as int64

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from segr1.parser import PRERL_FORMAT, RL_FORMAT, AnswerFormat
+from segr1.core.parser import PRERL_FORMAT, RL_FORMAT, AnswerFormat
 
 SYSTEM_PROMPT = (
     "You are a visual assistant that segments images by prompting a segmentation model. "

@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from segr1.prompt_source import IssuedPrompt
-from segr1.schema import RolloutGroup, ScoredGroup
+from segr1.core.schema import RolloutGroup, ScoredGroup
+from segr1.train.prompt_source import IssuedPrompt
 
 
 @dataclass
