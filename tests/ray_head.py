@@ -125,22 +125,27 @@ class RayHead:
         return list(found.values())
 
     def stop(self, timeout_s: float = 40) -> None:
-        leftovers = self.processes()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # ray start --block drains, then stops its services
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        _, alive = psutil.wait_procs(leftovers, timeout=10)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        # ray start --block drains on SIGTERM, then stops its services
+        _terminate(self.process, self.processes(), timeout_s)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _terminate(process: subprocess.Popen, leftovers: list[psutil.Process], timeout_s: float) -> None:
+    """SIGTERM ``process`` (SIGKILL after ``timeout_s``), then kill whatever of ``leftovers`` outlived it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    _, alive = psutil.wait_procs(leftovers, timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 def start_ray_head(
@@ -199,18 +204,7 @@ class RayNode:
             leftovers = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             leftovers = []
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # the launcher stops its raylet and workers
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        _, alive = psutil.wait_procs(leftovers, timeout=10)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _terminate(self.process, leftovers, timeout_s)  # the launcher stops its raylet and workers
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
