@@ -20,14 +20,21 @@ class _Restores:
     """The learner, weight sync and prompt source as ``resume`` sees them, holding one checkpoint."""
 
     def __init__(self, state):
-        self.state, self.pushed, self.data = state, [], None
+        self.state, self.pushed, self.data, self.weight_version = state, [], None, 0
 
     def load_checkpoint(self, _root):
+        if self.state:  # as LearnerGroup does: the checkpoint's weight version becomes the learner's
+            self.weight_version = self.state["weight_version"]
         return self.state
 
-    def push(self, version):
-        self.pushed.append(version)
-        return version
+    @property
+    def version(self):
+        return self.weight_version
+
+    def push(self, new=True):
+        self.weight_version += int(new)
+        self.pushed.append(self.weight_version)
+        return self.weight_version
 
     def load_state_dict(self, data):
         self.data = data
@@ -47,6 +54,6 @@ def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path, state, kept):
     trainer = Trainer(load_config("tiny"), None, restores, restores, restores, [], monitor, tmp_path, fetch=None)
     assert trainer.resume() == (state is not None)
     monitor.close()
-    assert trainer.step == kept and restores.pushed == ([4] if state else [])
+    assert trainer.step == kept and trainer.version == kept and restores.pushed == ([4] if state else [])
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, kept + 1))

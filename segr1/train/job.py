@@ -58,15 +58,20 @@ class Job:
 class WeightSync:
     """Keeps every rollout engine on the learner's weights: one group, one push per version.
 
-    A rollout actor that Ray restarted comes back at version 0 and outside the group; before each
-    push the group is re-formed if any engine is out of it, so the push reaches everyone.
+    The learner's ``weight_version`` is the one record of which weights the engines hold (a
+    checkpoint saves and restores it); ``version`` reads it. A rollout actor that Ray restarted
+    comes back at version 0 and outside the group; before each push the group is re-formed if any
+    engine is out of it, so the push reaches everyone.
     """
 
     def __init__(self, learner: LearnerGroup, rollout: RolloutPool) -> None:
         self.learner = learner
         self.rollout = rollout
-        self.version = 0
         self._form()
+
+    @property
+    def version(self) -> int:
+        return self.learner.weight_version
 
     def _form(self) -> None:
         host, port = self.learner.weight_sync_address()
@@ -85,15 +90,16 @@ class WeightSync:
             pool.shutdown(wait=False)  # on error the job's shutdown kills the learner it waits on
         self.address = (host, port)
 
-    def push(self, version: int) -> int:
-        """Send the learner's weights as ``version`` to every engine; returns the version."""
+    def push(self, new: bool = True) -> int:
+        """Send the learner's weights to every engine as the next version (``new``), or as the
+        current one again (a resumed run's fresh engines); returns the version."""
+        version = self.version + 1 if new else self.version
         if self.rollout.out_of_sync(self.version, self.address):
             log.warning("re-forming the weight group: a rollout engine restarted or joined late")
             self._form()
         receives = self.rollout.receive_weights(self.plan, version)
         self.learner.broadcast_weights(version)
         ray.get(receives)
-        self.version = version
         return version
 
 

@@ -68,9 +68,13 @@ class Trainer:
         self.checkpoints = self.storage.child("checkpoints").location
         self.fetch = fetch
         self.step = 0
-        self.version = 0
         self._ready: list[ScoredPrompt] = []
         self._stop = False
+
+    @property
+    def version(self) -> int:
+        """The weight version the engines hold (kept by the learner, read through the weight sync)."""
+        return self.weights.version
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -108,7 +112,7 @@ class Trainer:
         batch_metrics = self._batch_metrics(batch)  # before the push: staleness is against these weights
         metrics = self._train_while_pumping(samples)
         trained = time.monotonic()
-        self.version = self.weights.push(self.version + 1)
+        self.weights.push()
         synced = time.monotonic()
         metrics.update(batch_metrics)
         metrics.update(
@@ -248,7 +252,7 @@ class Trainer:
             self.monitor.save_samples(self.step + 1, views)
 
     def save_checkpoint(self) -> str:
-        state = {"step": self.step, "weight_version": self.version, "data": self.source.state_dict()}
+        state = {"step": self.step, "data": self.source.state_dict()}  # the learner adds its weight version
         path = self.learner.save_checkpoint(self.checkpoints, state)
         self._upload_logs()
         log.info("checkpoint at step %d: %s", self.step, path)
@@ -287,7 +291,7 @@ class Trainer:
             return False
         self.step = int(state["step"])
         self.source.load_state_dict(state["data"])
-        self.version = self.weights.push(int(state["weight_version"]))
+        self.weights.push(new=False)  # the restored version, to the fresh engines
         self.monitor.resume_at(self.step)
         log.info("resumed at step %d, weight version %d", self.step, self.version)
         return True
