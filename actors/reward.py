@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import ray
@@ -32,66 +32,65 @@ from segr1.core import rewards
 from segr1.core.metrics import as_gt
 from segr1.core.parser import AnswerFormat, ParserLimits, parse_completion
 from segr1.core.prompts import answer_format
-from segr1.core.schema import RolloutGroup, SampleScore
+from segr1.core.schema import RolloutGroup, SampleScore, rgb_image
 from segr1.core.segment import BoxSegmenter, Segmenter, masks_for_group
 from segr1.data.records import decode_image, decode_mask, encode_mask
-
-TINY_CHECKPOINT = "tiny"  # build the seeded random hiera-tiny of segr1.testing.tiny on the actor's own node
+from segr1.segmenters.settings import TINY_CHECKPOINT, Sam2Settings
 
 
 @dataclass(frozen=True)
 class RewardSettings:
-    """Everything a reward actor needs; the job config nests these fields under ``reward``/``sam2``.
+    """The reward role (the job's ``reward`` section); the segmenter itself is ``Sam2Settings``.
 
-    ``num_gpus`` is what each actor asks Ray for when the cluster has GPUs (1.0 keeps SAM2 alone on a
-    GPU; a fraction packs several actors on one). ``decode_chunk`` 0 means the device's default.
-    ``decode_pad_to`` > 0 pads every SAM2 prompt to that many tokens so a group decodes in one batch
-    (0: exact ``predict`` masks, batches of equal-length prompts; see ``segr1.segmenters.sam2_segmenter``).
-    ``bf16`` turns on bfloat16 autocast (CUDA with bf16 support, or CPU).
+    ``num_gpus_per_actor`` is what each actor asks Ray for when the cluster has GPUs and the backend
+    is SAM2 (1.0 keeps SAM2 alone on a GPU, a fraction packs several actors on one, 0 runs SAM2 on
+    the actor's CPUs). ``decode_chunk`` is the most prompts in one SAM2 decode call (0: the
+    device's default). ``decode_pad_to`` > 0 pads every SAM2 prompt to that many tokens so a group
+    decodes in one batch (0: exact ``predict`` masks, batches of equal-length prompts; see
+    ``segr1.segmenters.sam2_segmenter``). ``bf16`` turns on bfloat16 autocast (CUDA with bf16
+    support, or CPU).
     """
 
-    backend: Literal["sam2", "box"] = "sam2"
-    sam2_config: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
-    sam2_checkpoint: str = "checkpoints/sam2.1_hiera_large.pt"
-    sam2_image_size: int | None = None
-    box_point_radius: float = 4.0
-    num_gpus: float = 1.0
-    num_cpus: float = 1.0
+    num_actors: int = 1
+    num_gpus_per_actor: float = 1.0
+    num_cpus_per_actor: float = 1.0
     bf16: bool = True
     decode_chunk: int = 0
     decode_pad_to: int = 0
     weights: rewards.RewardWeights = field(default_factory=rewards.RewardWeights)
     limits: ParserLimits = field(default_factory=ParserLimits)
-    return_masks: bool = False
+    max_restarts: int = 3
+    max_in_flight_per_actor: int = 4
 
     def __post_init__(self) -> None:
-        if self.backend not in ("sam2", "box"):
-            raise ValueError(f"RewardSettings.backend must be 'sam2' or 'box', got {self.backend!r}")
-        if not 0 <= self.num_gpus <= 8:
-            raise ValueError(f"RewardSettings.num_gpus must be in [0, 8], got {self.num_gpus}")
-        if not self.num_cpus > 0:
-            raise ValueError(f"RewardSettings.num_cpus must be > 0, got {self.num_cpus}")
-        if self.decode_chunk < 0:
-            raise ValueError(f"RewardSettings.decode_chunk must be >= 0, got {self.decode_chunk}")
-        if self.decode_pad_to < 0:
-            raise ValueError(f"RewardSettings.decode_pad_to must be >= 0, got {self.decode_pad_to}")
+        checks = [
+            (self.num_actors >= 1, f"num_actors must be >= 1, got {self.num_actors}"),
+            (0 <= self.num_gpus_per_actor <= 8, f"num_gpus_per_actor must be in [0, 8], got {self.num_gpus_per_actor}"),
+            (self.num_cpus_per_actor > 0, f"num_cpus_per_actor must be > 0, got {self.num_cpus_per_actor}"),
+            (self.decode_chunk >= 0, f"decode_chunk must be >= 0, got {self.decode_chunk}"),
+            (self.decode_pad_to >= 0, f"decode_pad_to must be >= 0, got {self.decode_pad_to}"),
+            (self.max_in_flight_per_actor >= 1, f"max_in_flight_per_actor must be >= 1, got {self.max_in_flight_per_actor}"),
+        ]
+        failed = [message for ok, message in checks if not ok]
+        if failed:
+            raise ValueError("RewardSettings: " + "; ".join(failed))
 
 
-def make_segmenter(settings: RewardSettings, device: str) -> Segmenter:
-    """The backend named by ``settings``, built once, on ``device``."""
-    if settings.backend == "box":
-        return BoxSegmenter(point_radius=settings.box_point_radius)
+def make_segmenter(sam2: Sam2Settings, settings: RewardSettings, device: str) -> Segmenter:
+    """The backend ``sam2`` names, built once, on ``device``; checkpoint ``tiny`` is built (or taken
+    from the cache) by ``segr1.testing.tiny`` on the actor's own node."""
+    if sam2.backend == "box":
+        return BoxSegmenter(point_radius=sam2.box_point_radius)
     from segr1.segmenters.sam2_segmenter import load_sam2_segmenter
 
-    checkpoint = settings.sam2_checkpoint
-    image_size = settings.sam2_image_size
+    config, checkpoint, image_size = sam2.config, sam2.checkpoint, sam2.image_size
     if checkpoint == TINY_CHECKPOINT:
         from segr1.testing.tiny import build_sam2
 
         tiny = build_sam2(image_size=image_size) if image_size else build_sam2()
-        checkpoint, image_size = str(tiny.checkpoint), tiny.image_size
+        config, checkpoint, image_size = tiny.config, str(tiny.checkpoint), tiny.image_size
     return load_sam2_segmenter(
-        settings.sam2_config,
+        config,
         checkpoint,
         image_size=image_size,
         device=device,
@@ -139,11 +138,7 @@ def read_image(value: Any, record_id: str) -> np.ndarray:
             value = decode_image(bytes(value))
         except Exception as err:  # PIL raises several unrelated types for bad bytes
             raise ValueError(f"record {record_id!r}: cannot decode image: {err}") from err
-    if not isinstance(value, np.ndarray):
-        raise ValueError(f"record {record_id!r}: image is {type(value).__name__}, not an array or bytes")
-    if value.dtype != np.uint8 or value.ndim != 3 or value.shape[2] != 3 or 0 in value.shape:
-        raise ValueError(f"record {record_id!r}: image must be uint8 HxWx3 RGB, got {value.dtype} {value.shape}")
-    return value
+    return rgb_image(value, f"record {record_id!r}")
 
 
 def read_mask(value: Any, record_id: str) -> np.ndarray:
@@ -164,30 +159,32 @@ def read_mask(value: Any, record_id: str) -> np.ndarray:
 class RewardActor:
     """Scores GRPO groups with a resident segmenter; ``make_reward_pool`` runs it as a Ray actor."""
 
-    def __init__(self, settings: RewardSettings, name: str = "reward", device: str | None = None) -> None:
+    def __init__(
+        self, sam2: Sam2Settings, settings: RewardSettings, name: str = "reward", device: str | None = None
+    ) -> None:
         import torch
 
+        self.sam2 = sam2
         self.settings = settings
         self.name = name
         # Inside Ray, only GPUs the actor asked for are visible, so "auto" means an assigned GPU.
-        auto = "cuda" if settings.backend == "sam2" and torch.cuda.is_available() else "cpu"
+        auto = "cuda" if sam2.backend == "sam2" and torch.cuda.is_available() else "cpu"
         self.device = device or auto
-        self.segmenter = make_segmenter(settings, self.device)
+        self.segmenter = make_segmenter(sam2, settings, self.device)
         self.stats = RewardStats()
 
     def info(self) -> dict[str, Any]:
         """Who this actor is; a new pid after a restart."""
-        return {"name": self.name, "pid": os.getpid(), "device": self.device, "backend": self.settings.backend}
+        return {"name": self.name, "pid": os.getpid(), "device": self.device, "backend": self.sam2.backend}
 
     def get_stats(self) -> dict[str, float]:
         return self.stats.as_dict()
 
     def score_group(
-        self, group: RolloutGroup, mask_ref: Any, return_masks: bool | None = None
+        self, group: RolloutGroup, mask_ref: Any, return_masks: bool = False
     ) -> list[SampleScore]:
         """One ``SampleScore`` per completion of ``group``, in order, against the mask ``mask_ref``."""
         item = group.item
-        return_masks = self.settings.return_masks if return_masks is None else return_masks
         t0 = time.perf_counter()
         image = read_image(_fetch(item.image), item.record_id)
         gt = read_mask(_fetch(mask_ref), item.record_id)
@@ -294,16 +291,16 @@ class RewardPool:
 
 
 def actor_options(
-    settings: RewardSettings, name: str, max_restarts: int, cluster_gpus: float, placement_group: Any = None,
+    sam2: Sam2Settings, settings: RewardSettings, name: str, cluster_gpus: float, placement_group: Any = None,
     bundle_index: int = 0,
 ) -> dict[str, Any]:
     """Ray options for one reward actor: GPUs only for SAM2 on a cluster that has them."""
-    use_gpu = settings.backend == "sam2" and settings.num_gpus > 0 and cluster_gpus > 0
+    use_gpu = sam2.backend == "sam2" and settings.num_gpus_per_actor > 0 and cluster_gpus > 0
     options: dict[str, Any] = {
         "name": name,
-        "num_cpus": settings.num_cpus,
-        "num_gpus": settings.num_gpus if use_gpu else 0,
-        "max_restarts": max_restarts,
+        "num_cpus": settings.num_cpus_per_actor,
+        "num_gpus": settings.num_gpus_per_actor if use_gpu else 0,
+        "max_restarts": settings.max_restarts,
         "max_task_retries": 0,  # the pool retries, on another actor while this one restarts
     }
     if placement_group is not None:
@@ -312,29 +309,25 @@ def actor_options(
 
 
 def make_reward_pool(
+    sam2: Sam2Settings,
     settings: RewardSettings,
-    num_actors: int,
-    max_restarts: int = 3,
-    max_in_flight_per_actor: int = 2,
     max_attempts: int = 10,
     name_prefix: str = "reward",
     placement_group: Any = None,
 ) -> RewardPool:
-    """Start ``num_actors`` named actors ``{name_prefix}-0..M-1`` and put them behind a pool.
+    """Start ``settings.num_actors`` named actors ``{name_prefix}-0..M-1`` behind a pool.
 
-    Each actor asks for ``settings.num_gpus`` GPUs when the cluster has any and the backend is SAM2,
-    else ``settings.num_cpus`` CPUs only. With ``placement_group`` actor i goes to bundle i.
+    Each actor asks for ``settings.num_gpus_per_actor`` GPUs when the cluster has any and the
+    backend is SAM2, else CPUs only. With ``placement_group`` actor i goes to bundle i.
     """
-    if num_actors < 1:
-        raise ValueError(f"num_actors must be >= 1, got {num_actors}")
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     remote_cls = ray.remote(RewardActor)
-    names = [f"{name_prefix}-{i}" for i in range(num_actors)]
+    names = [f"{name_prefix}-{i}" for i in range(settings.num_actors)]
     actors = [
-        remote_cls.options(**actor_options(settings, name, max_restarts, cluster_gpus, placement_group, i)).remote(
-            settings, name
+        remote_cls.options(**actor_options(sam2, settings, name, cluster_gpus, placement_group, i)).remote(
+            sam2, settings, name
         )
         for i, name in enumerate(names)
     ]
-    pool = ActorPool(actors, names, max_in_flight_per_actor=max_in_flight_per_actor, max_attempts=max_attempts)
+    pool = ActorPool(actors, names, settings.max_in_flight_per_actor, max_attempts=max_attempts)
     return RewardPool(pool)

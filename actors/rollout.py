@@ -16,7 +16,7 @@ The behaviour log-probs returned are vLLM's default "raw" log-probs: log-softmax
 logits over the full vocabulary, before temperature, top-p or the vision-token mask. That is
 exactly what the learner computes for the same tokens, so the importance ratio is 1 when
 weights match, and it is the distribution sampled only at temperature 1 and top-p 1: GRPO training
-refuses other values (``segr1.train.config.validate``); evaluation samples as it likes.
+refuses other values (``segr1.config.validate``); evaluation samples as it likes.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from segr1.core.policy import ModelSettings
 from segr1.core.prompts import pixel_bounds
-from segr1.core.schema import Completion, PromptItem, RolloutGroup
+from segr1.core.schema import Completion, PromptItem, RolloutGroup, rgb_image
+from segr1.runtime.ray_cluster import node_ip
 from segr1.weightsync.weight_sync import BucketPlan
 
 WORKER_EXTENSION = "actors.vllm_worker.WeightSyncWorkerExtension"
@@ -41,27 +43,50 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
 VISION_CONFIG_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutSettings:
-    """One engine's settings; ``segr1/train/config.py`` mirrors these fields."""
+    """The rollout role (the job's ``rollout`` section): how many engines, what each holds, and how
+    training samples. The policy itself is ``ModelSettings``.
 
-    model: str
-    dtype: str = "bfloat16"
-    tensor_parallel_size: int = 1
+    On a cluster with GPUs each engine takes ``num_gpus_per_actor`` GPUs as its tensor-parallel
+    size; on CPU one worker per engine with a ``kv_cache_memory_bytes`` cache (vLLM would otherwise
+    reserve ~90% of RAM). ``group_size``, ``temperature``, ``top_p`` and ``max_tokens`` are the
+    training samples' (``sampling()``); evaluation brings its own ``SamplingSettings``.
+    """
+
+    num_actors: int = 1
+    num_gpus_per_actor: int = 1
+    num_cpus_per_actor: float = 1.0
+    group_size: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 400
     max_model_len: int = 4096
-    kv_cache_memory_bytes: int = 1 << 30  # CPU only: the default would reserve ~90% of RAM
     gpu_memory_utilization: float = 0.6  # GPU only
-    seed: int = 0
-    min_pixels: int | None = None
-    max_pixels: int | None = None
+    kv_cache_memory_bytes: int = 1 << 30  # CPU only
     enforce_eager: bool = False
+    max_restarts: int = 3
+    max_in_flight_per_actor: int = 2
     weight_sync_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels {self.min_pixels} is larger than max_pixels {self.max_pixels}")
+        checks = [
+            (self.num_actors >= 1, f"num_actors must be >= 1, got {self.num_actors}"),
+            (self.num_gpus_per_actor >= 1, f"num_gpus_per_actor must be >= 1 (it is the tensor-parallel size on "
+             f"GPUs), got {self.num_gpus_per_actor}"),
+            (self.num_cpus_per_actor > 0, f"num_cpus_per_actor must be > 0, got {self.num_cpus_per_actor}"),
+            (self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}"),
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.max_in_flight_per_actor >= 1, f"max_in_flight_per_actor must be >= 1, got {self.max_in_flight_per_actor}"),
+        ]
+        failed = [message for ok, message in checks if not ok]
+        if failed:
+            raise ValueError("RolloutSettings: " + "; ".join(failed))
+
+    def sampling(self) -> SamplingSettings:
+        """How training samples: ``group_size`` completions per prompt."""
+        return SamplingSettings(n=self.group_size, temperature=self.temperature, top_p=self.top_p,
+                                max_tokens=self.max_tokens)
 
 
 @dataclass(frozen=True)
@@ -104,19 +129,19 @@ def item_seed(seed: int | None, group_id: str) -> int | None:
     return (seed * 1_000_003 + zlib.crc32(group_id.encode())) % (1 << 31)
 
 
-def _node_ip() -> str:
-    import ray
-
-    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-
-
 class RolloutActor:
     """Hosts one vLLM engine for the policy; use in-process or as ``ray.remote(RolloutActor)``."""
 
-    def __init__(self, settings: RolloutSettings, name: str = "rollout") -> None:
+    def __init__(
+        self, model: ModelSettings, settings: RolloutSettings, name: str = "rollout", seed: int = 0,
+        tensor_parallel_size: int = 1,
+    ) -> None:
         import torch
 
+        self.model = model
         self.settings = settings
+        self.seed = seed
+        self.tensor_parallel_size = tensor_parallel_size
         self._name = name
         self._version = 0
         self._group: tuple[str, int, int] | None = None  # (host, port, world_size) last joined
@@ -139,14 +164,14 @@ class RolloutActor:
         self._frame_factor = int(vision.patch_size) * int(vision.spatial_merge_size)
 
     def _engine_kwargs(self) -> dict[str, Any]:
-        s = self.settings
-        mm_kwargs = pixel_bounds(s.min_pixels, s.max_pixels)
+        s, tp = self.settings, self.tensor_parallel_size
+        mm_kwargs = pixel_bounds(self.model.min_pixels, self.model.max_pixels)
         kwargs: dict[str, Any] = dict(
-            model=s.model,
-            dtype=s.dtype,
-            tensor_parallel_size=s.tensor_parallel_size,
+            model=self.model.path,
+            dtype=self.model.dtype,
+            tensor_parallel_size=tp,
             max_model_len=s.max_model_len,
-            seed=s.seed,
+            seed=self.seed,
             enforce_eager=s.enforce_eager,
             limit_mm_per_prompt={"image": 1, "video": 0},
             mm_processor_kwargs=mm_kwargs or None,
@@ -154,12 +179,12 @@ class RolloutActor:
         )
         if self._on_gpu:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
-            if s.tensor_parallel_size > 1:
+            if tp > 1:
                 # Worker processes inside this actor, on the GPUs of its bundle. The "ray" backend
                 # would try to place new GPU actors while this actor already holds the GPUs.
                 kwargs["distributed_executor_backend"] = "mp"
         else:
-            if s.tensor_parallel_size != 1:
+            if tp != 1:
                 raise ValueError("tensor_parallel_size > 1 needs GPUs; the CPU engine runs one worker")
             kwargs["kv_cache_memory_bytes"] = s.kv_cache_memory_bytes
         return kwargs
@@ -254,7 +279,7 @@ class RolloutActor:
         with self._lock:
             ranks = self.llm.collective_rpc(
                 "segr1_join_weight_group",
-                args=(host, int(port), int(rank_offset), int(world_size), backend, _node_ip(),
+                args=(host, int(port), int(rank_offset), int(world_size), backend, node_ip(),
                       float(self.settings.weight_sync_timeout_s), secret),
             )
             self._group = (host, int(port), int(world_size))
@@ -298,12 +323,7 @@ def _resolve_images(items: list[PromptItem]) -> list[Any]:
 def _to_pil(item: PromptItem, image: Any) -> Any:
     from PIL import Image
 
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(
-            f"record {item.record_id}: image must be uint8 HxWx3 RGB, got {array.dtype} {array.shape}"
-        )
-    return Image.fromarray(array)
+    return Image.fromarray(rgb_image(np.asarray(image), f"record {item.record_id}"))
 
 
 class RolloutPool:
@@ -317,60 +337,57 @@ class RolloutPool:
 
     def __init__(
         self,
+        model: ModelSettings,
         settings: RolloutSettings,
-        num_actors: int,
         *,
+        seed: int = 0,
         placement: Any | None = None,
         use_gpu: bool | None = None,
-        cpus_per_actor: float = 1.0,
-        max_in_flight_per_actor: int = 2,
-        max_restarts: int = 3,
         max_attempts: int | None = None,
         runtime_env: dict | None = None,
         name_prefix: str = "rollout",
     ) -> None:
-        """``placement``: the rollout role's ``segr1.runtime.ray_cluster.RolePlacement`` (one bundle per
-        actor, each holding ``tensor_parallel_size`` GPUs on GPU clusters); without one the pool
-        places itself, asking for GPUs when the cluster has any (or as ``use_gpu`` says)."""
+        """``settings.num_actors`` engines of ``model``. ``placement``: the rollout role's
+        ``segr1.runtime.ray_cluster.RolePlacement`` (one bundle per actor, each holding
+        ``num_gpus_per_actor`` GPUs on GPU clusters); without one the pool places itself, asking for
+        GPUs when the cluster has any (or as ``use_gpu`` says). An engine's tensor-parallel size is
+        the GPUs of its bundle, 1 on CPU."""
         import ray
 
         from actors.pool import ActorPool
         from segr1.runtime.ray_cluster import RoleRequest, role_placement
 
-        if num_actors < 1:
-            raise ValueError(f"a rollout pool needs at least one actor, got {num_actors}")
+        num_actors = settings.num_actors
         self._owns_placement = placement is None
         if placement is None:
             if use_gpu is None:
                 use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-            gpus = float(settings.tensor_parallel_size) if use_gpu else 0.0
-            placement = role_placement(RoleRequest("rollout", num_actors, cpus_per_actor, gpus))
+            gpus = float(settings.num_gpus_per_actor) if use_gpu else 0.0
+            placement = role_placement(RoleRequest("rollout", num_actors, settings.num_cpus_per_actor, gpus))
         if len(placement.bundles) != num_actors:
             raise ValueError(f"{num_actors} rollout actors but the placement has {len(placement.bundles)} bundles")
         self.placement = placement
         self.settings = settings
         self.names = [f"{name_prefix}-{i}" for i in range(num_actors)]
+        gpus = placement.bundles[0].get("GPU", 0.0)
+        # tp GPUs for a tensor-parallel engine; one engine alone may share a GPU (0 < gpus < 1)
+        self.tensor_parallel_size = max(1, int(gpus))
         remote_cls = ray.remote(RolloutActor)
         self.actors = []
         for i, name in enumerate(self.names):
-            bundle = placement.bundles[i]
-            gpus = bundle.get("GPU", 0.0)
-            tp = settings.tensor_parallel_size
-            # tp GPUs for a tensor-parallel engine; one engine alone may share a GPU (0 < gpus < 1)
-            if gpus and not (gpus == tp or (tp == 1 and gpus < 1)):
-                raise ValueError(f"{name}: its bundle holds {gpus} GPUs but tensor_parallel_size is {tp}")
             options = dict(
                 name=name,
-                num_cpus=bundle.get("CPU", 0.0),
+                num_cpus=placement.bundles[i].get("CPU", 0.0),
                 num_gpus=gpus,
-                max_restarts=max_restarts,
+                max_restarts=settings.max_restarts,
                 max_task_retries=0,  # the pool resubmits, so a call never runs twice behind its back
                 runtime_env=actor_runtime_env(runtime_env, use_gpu=gpus > 0),
                 scheduling_strategy=placement.scheduling_strategy(i),
             )
-            self.actors.append(remote_cls.options(**options).remote(settings, name))
+            self.actors.append(remote_cls.options(**options).remote(model, settings, name, seed,
+                                                                     self.tensor_parallel_size))
         attempts = {} if max_attempts is None else {"max_attempts": max_attempts}  # None: the pool's default
-        self.pool = ActorPool(self.actors, self.names, max_in_flight_per_actor, **attempts)
+        self.pool = ActorPool(self.actors, self.names, settings.max_in_flight_per_actor, **attempts)
 
     # ------------------------------------------------------------------ rollouts
 
@@ -400,12 +417,12 @@ class RolloutPool:
     @property
     def world_size(self) -> int:
         """Ranks of the weight group: the learner's sender plus every engine worker."""
-        return 1 + len(self.actors) * self.settings.tensor_parallel_size
+        return 1 + len(self.actors) * self.tensor_parallel_size
 
     def join_weight_group(self, host: str, port: int, secret: str) -> list[Any]:
         """Refs of every actor joining the group at ``host:port`` with the job's ``secret``; run
         with the sender's join."""
-        tp = self.settings.tensor_parallel_size
+        tp = self.tensor_parallel_size
         return [
             actor.join_weight_group.remote(host, port, 1 + i * tp, self.world_size, secret)
             for i, actor in enumerate(self.actors)

@@ -67,6 +67,7 @@ def warm_start(model: Path, data: Path, out: Path, args: argparse.Namespace) -> 
         "--output", str(out / "warm_start"), "--steps", str(args.sft_steps), "--batch-size", "16",
         "--micro-batch-size", "16", "--lr", "1e-3", "--random-coords", "--export", str(exported),
         "--seed", str(args.seed), "--min-pixels", str(args.policy_pixels), "--max-pixels", str(args.policy_pixels),
+        "--dtype", "float32",
     ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return exported
@@ -75,7 +76,7 @@ def warm_start(model: Path, data: Path, out: Path, args: argparse.Namespace) -> 
 def grpo(policy: Path, data: Path, heldout: Path, out: Path, args: argparse.Namespace,
          deadline: float) -> tuple[list[dict], dict[str, float], dict[str, float]]:
     """The GRPO steps' metrics, and greedy held-out scores of the warm start and of the trained policy."""
-    from segr1.train.config import load_config
+    from segr1.config import load_config
     from segr1.train.job import build_job
 
     config = load_config("tiny", [

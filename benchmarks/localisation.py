@@ -37,7 +37,7 @@ def supervised(model: Path, data: Path, out: Path, args: argparse.Namespace) -> 
         sys.executable, "-m", "segr1.sft", "--model", str(model), "--data", str(data),
         "--output", str(out / "sft"), "--steps", str(args.steps), "--batch-size", "16",
         "--micro-batch-size", "16", "--lr", "1e-3", "--export", str(exported), "--seed", str(args.seed),
-        "--min-pixels", pixels, "--max-pixels", pixels,
+        "--min-pixels", pixels, "--max-pixels", pixels, "--dtype", "float32",
     ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return exported

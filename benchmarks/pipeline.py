@@ -54,7 +54,7 @@ class PeakMemory:
 
 
 def run_mode(mode: str, args: argparse.Namespace, out: Path) -> list[dict]:
-    from segr1.train.config import load_config
+    from segr1.config import load_config
     from segr1.train.job import build_job
 
     config = load_config("tiny", [

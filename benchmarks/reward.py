@@ -37,6 +37,7 @@ from segr1.core.prompts import answer_text
 from segr1.core.rewards import score
 from segr1.core.schema import Completion, PromptItem, RolloutGroup
 from segr1.data.synth import synth_record
+from segr1.segmenters.settings import Sam2Settings
 
 
 @dataclass
@@ -168,13 +169,11 @@ def main(argv: list[str] | None = None) -> int:
 
         tiny = build_sam2(image_size=args.sam2_image_size)
         config, checkpoint, sam2_size = tiny.config, str(tiny.checkpoint), tiny.image_size
-    settings = RewardSettings(
-        sam2_config=config, sam2_checkpoint=checkpoint, sam2_image_size=sam2_size,
-        bf16=args.bf16, decode_chunk=args.decode_chunk, decode_pad_to=args.pad_to,
-    )
+    sam2 = Sam2Settings(config=config, checkpoint=checkpoint, image_size=sam2_size)
+    settings = RewardSettings(bf16=args.bf16, decode_chunk=args.decode_chunk, decode_pad_to=args.pad_to)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible")
-    actor = RewardActor(settings, name="bench", device=args.device)
+    actor = RewardActor(sam2, settings, name="bench", device=args.device)
     records = [synth_record(i, size=args.image_size) for i in range(args.groups + 1)]
     print(
         f"SAM2 {config} at {sam2_size or 'config'} px on {actor.device}, bf16={args.bf16}, "

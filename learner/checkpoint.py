@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from segr1.core.files import write_atomic
 from segr1.runtime.storage import Storage
 
 LATEST = "latest"
@@ -53,16 +54,6 @@ def step_name(step: int) -> str:
 
 def tmp_name(name: str) -> str:
     return f"{name}{TMP_SUFFIX}"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp sibling, flush it to disk, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def client_state_text(client_state: dict[str, Any]) -> str:
@@ -147,7 +138,7 @@ def rng_file(step_dir: Path, rank: int) -> Path:
 
 
 def save_rng(step_dir: Path, rank: int) -> None:
-    write_text_atomic(rng_file(step_dir, rank), json.dumps(rng_state()))
+    write_atomic(rng_file(step_dir, rank), json.dumps(rng_state()))
 
 
 def load_rng(step_dir: Path, rank: int) -> None:

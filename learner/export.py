@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from segr1.core.files import move_into_place
+
 DEFAULT_CHUNK_BYTES = 256 << 20
 
 
@@ -110,14 +112,7 @@ def export_hf(
         module.save_pretrained(tmp, state_dict=state)
         processor.save_pretrained(tmp)
         os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            stale = out_dir.with_name(f".{out_dir.name}.replaced.{os.getpid()}")
-            shutil.rmtree(stale, ignore_errors=True)
-            out_dir.rename(stale)
-            tmp.rename(out_dir)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        move_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -4,7 +4,7 @@ The driver talks to the group as if it were one learner. Each call splits the wo
 ``plan_micro_batches`` (balanced by tokens, equal numbers of passes per rank), sends every rank
 its part in one call, and combines what comes back::
 
-    group = LearnerGroup(LearnerSettings(model_path=..., num_workers=2, zero_stage=3))
+    group = LearnerGroup(LearnerSettings(num_workers=2, zero_stage=3), LearnerRun(ModelSettings(path=...)))
     metrics = group.train_step(samples)          # loss, kl, clip_frac, entropy, grad_norm, tokens_per_s
     group.save_checkpoint("runs/x/checkpoints", {"step": 1, "weight_version": 1, "data": ...})
     group.shutdown()
@@ -23,7 +23,7 @@ from typing import Any
 
 from learner import checkpoint as ckpt
 from learner.inputs import MicroBatch, plan_micro_batches
-from learner.worker import LearnerSettings, LearnerWorker, read_deepspeed_overrides
+from learner.worker import LearnerRun, LearnerSettings, LearnerWorker, read_deepspeed_overrides
 from segr1.core.schema import TrainSample
 from segr1.runtime.ray_cluster import RolePlacement, RoleRequest, role_placement
 from segr1.runtime.storage import Storage, StorageError
@@ -39,8 +39,11 @@ class LearnerGroup:
     def __init__(
         self,
         settings: LearnerSettings,
+        run: LearnerRun,
         runtime_env: dict[str, Any] | None = None,
         placement: RolePlacement | None = None,
+        name_prefix: str = "learner",
+        use_gpu: bool | None = None,
     ) -> None:
         """``placement``: the learner's bundles from ``place_roles`` (the job's way, which the caller
         removes); without one the group reserves its own PACK group and removes it on shutdown."""
@@ -50,9 +53,13 @@ class LearnerGroup:
             raise RuntimeError("LearnerGroup needs a running Ray (call ray.init first)")
         if isinstance(settings.deepspeed_config, str):  # read here: ranks on other nodes may not see the file
             settings = replace(settings, deepspeed_config=read_deepspeed_overrides(settings.deepspeed_config))
+        run.check(settings)
         self.settings = settings
+        self.run = run
         self.world_size = settings.num_workers
-        gpus = float(settings.num_gpus_per_worker)
+        if use_gpu is None:  # the paper's setup asks for GPUs; a CPU-only cluster runs the same job without
+            use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        gpus = float(settings.num_gpus_per_worker) if use_gpu else 0.0
         request = RoleRequest("learner", self.world_size, float(settings.num_cpus_per_worker), gpus)
         if placement is not None and placement.request != request:
             raise ValueError(f"LearnerGroup: placement {placement.request} does not match the settings' {request}")
@@ -61,12 +68,12 @@ class LearnerGroup:
         actor_cls = ray.remote(LearnerWorker)
         self.workers = [
             actor_cls.options(
-                name=f"{settings.name_prefix}-{rank}",
+                name=f"{name_prefix}-{rank}",
                 num_cpus=settings.num_cpus_per_worker,
                 num_gpus=gpus,
                 scheduling_strategy=self._placement.scheduling_strategy(rank),
                 runtime_env=runtime_env,
-            ).remote(settings, rank, self.world_size)
+            ).remote(settings, run, rank, self.world_size)
             for rank in range(self.world_size)
         ]
         # The job's secret: DeepSpeed's store and the weight group's ask every member for it. It
@@ -99,7 +106,7 @@ class LearnerGroup:
 
     def train_step(self, samples: Sequence[TrainSample]) -> dict[str, float]:
         """One GRPO update (``iterations_per_batch`` optimizer steps) on ``samples``; batch metrics."""
-        plans = self._plan(samples, self.settings.loss.aggregation)
+        plans = self._plan(samples, self.run.loss.aggregation)
         return combine_metrics(self._each("train_step", plans, "grpo"))
 
     def sft_step(self, samples: Sequence[TrainSample]) -> dict[str, float]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from segr1.core.prompts import pixel_bounds
-from segr1.core.schema import TrainSample, prompt_digest
+from segr1.core.schema import TrainSample, prompt_digest, rgb_image
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,7 @@ def resolve_image(image: Any, group_id: str) -> np.ndarray:
         import ray  # only when a reference actually arrives: in-process callers need no Ray
 
         image = ray.get(image)
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        described = (
-            f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        )
-        raise ValueError(f"group {group_id}: image must be a uint8 HxWx3 RGB array, got {described}")
-    return image
+    return rgb_image(image, f"group {group_id}")
 
 
 def process_prompt(processor: Any, prompt: str, image: np.ndarray, group_id: str) -> PromptInputs:

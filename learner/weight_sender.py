@@ -24,6 +24,7 @@ from collections.abc import Iterable
 
 import torch
 
+from segr1.runtime.ray_cluster import node_ip
 from segr1.weightsync.rendezvous import RendezvousServer, new_secret
 from segr1.weightsync.weight_sync import (
     DEFAULT_BUCKET_BYTES,
@@ -33,15 +34,6 @@ from segr1.weightsync.weight_sync import (
     plan_buckets,
     send_buckets,
 )
-
-
-def node_ip() -> str:
-    """This node's address as other Ray nodes reach it; loopback outside Ray."""
-    try:
-        import ray
-    except ImportError:  # a learner outside Ray (tests, benchmarks)
-        return "127.0.0.1"
-    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
 def weight_meta(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:

@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -42,47 +42,42 @@ from learner.inputs import (
     token_logprobs,
 )
 from segr1.core.grpo import LossSettings, aggregate, entropy_from_logits, grpo_loss
+from segr1.core.merge import deep_merge
+from segr1.core.policy import ModelSettings
+from segr1.runtime.ray_cluster import node_ip
 from segr1.runtime.storage import Storage, clear_local
 
 LR_SCHEDULES = ("constant", "cosine")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LearnerSettings:
-    """What the learner needs; field names follow ``segr1.train.config.LearnerConfig`` where they overlap.
+    """The learner role (the job's ``learner`` section); ``LearnerRun`` adds the policy and the loss.
 
     ``deepspeed_config`` (a JSON file, or its content as a dict) is merged over the generated
     DeepSpeed config, its values winning. ``LearnerGroup`` reads a file on the driver, so the ranks
     need not see the path. The learning rate rises linearly over ``warmup_steps``, then stays at
     ``lr`` (``lr_schedule="constant"``) or follows a half cosine down to ``min_lr_ratio x lr`` at
-    optimizer step ``decay_steps`` (``"cosine"``; the job passes the run's length).
+    the run's last optimizer step (``"cosine"``, ``LearnerRun.decay_steps``).
     """
 
-    model_path: str
-    min_pixels: int | None = None  # image bounds of the processor; must equal the rollout engines'
-    max_pixels: int | None = None
     num_workers: int = 1
-    num_gpus_per_worker: float = 1.0
+    num_gpus_per_worker: int = 1
     num_cpus_per_worker: float = 1.0
-    zero_stage: int = 2
-    bf16: bool = True
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    deepspeed_config: str | dict | None = None
     lr: float = 1e-6
     warmup_steps: int = 0
-    lr_schedule: str = "constant"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0
-    decay_steps: int | None = None
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 4
     iterations_per_batch: int = 1
     gradient_checkpointing: bool = True
     freeze_vision: bool = False
-    deepspeed_config: str | dict | None = None
-    loss: LossSettings = field(default_factory=LossSettings)
-    seed: int = 0
     sync_bucket_mb: int = 256
     prompt_cache_groups: int = 64
-    name_prefix: str = "learner"
 
     def __post_init__(self) -> None:
         checks = [
@@ -92,8 +87,6 @@ class LearnerSettings:
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"),
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
-            (self.lr_schedule != "cosine" or (self.decay_steps or 0) > self.warmup_steps,
-             f"lr_schedule 'cosine' needs decay_steps > warmup_steps ({self.warmup_steps}), got {self.decay_steps}"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.grad_clip >= 0, "grad_clip must be >= 0 (0 turns clipping off)"),
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
@@ -101,18 +94,32 @@ class LearnerSettings:
             (self.sync_bucket_mb >= 1, "sync_bucket_mb must be >= 1"),
             (self.prompt_cache_groups >= 1, "prompt_cache_groups must be >= 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"LearnerSettings: {message}")
-        if not isinstance(self.loss, LossSettings):
-            raise TypeError(
-                f"LearnerSettings.loss must be a segr1.core.grpo.LossSettings, got {type(self.loss).__name__}"
-            )
+        failed = [message for ok, message in checks if not ok]
+        if failed:
+            raise ValueError("LearnerSettings: " + "; ".join(failed))
         if isinstance(self.deepspeed_config, str) and not Path(self.deepspeed_config).is_file():
             raise ValueError(f"LearnerSettings: deepspeed_config {self.deepspeed_config} is not a file")
 
 
-def lr_factor(step: int, settings: LearnerSettings) -> float:
+@dataclass(frozen=True)
+class LearnerRun:
+    """What a run gives the learner besides its settings: the policy, the loss (the job's ``grpo``
+    section), the seed, and ``decay_steps``, the run's optimizer steps (where a cosine ends)."""
+
+    model: ModelSettings
+    loss: LossSettings = field(default_factory=LossSettings)
+    seed: int = 0
+    decay_steps: int | None = None
+
+    def check(self, settings: LearnerSettings) -> None:
+        if not isinstance(self.loss, LossSettings):
+            raise TypeError(f"LearnerRun.loss must be a segr1.core.grpo.LossSettings, got {type(self.loss).__name__}")
+        if settings.lr_schedule == "cosine" and not (self.decay_steps or 0) > settings.warmup_steps:
+            raise ValueError(f"lr_schedule 'cosine' needs decay_steps > warmup_steps ({settings.warmup_steps}), "
+                             f"got {self.decay_steps}")
+
+
+def lr_factor(step: int, settings: LearnerSettings, decay_steps: int | None) -> float:
     """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``settings.lr``.
 
     Written out rather than taken from transformers, whose cosine turns back up after its horizon:
@@ -123,7 +130,7 @@ def lr_factor(step: int, settings: LearnerSettings) -> float:
         return (step + 1) / warmup
     if settings.lr_schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup + 1) / (settings.decay_steps - warmup))
+    progress = min(1.0, (step - warmup + 1) / (decay_steps - warmup))
     floor = settings.min_lr_ratio
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -139,13 +146,6 @@ def read_deepspeed_overrides(source: str | dict | None) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"deepspeed_config {source}: must hold a JSON object, got {type(data).__name__}")
     return data
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def deepspeed_config(settings: LearnerSettings, world_size: int, bf16: bool) -> dict:
@@ -166,7 +166,7 @@ def deepspeed_config(settings: LearnerSettings, world_size: int, bf16: bool) -> 
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    return _merge(config, read_deepspeed_overrides(settings.deepspeed_config))
+    return deep_merge(config, read_deepspeed_overrides(settings.deepspeed_config))
 
 
 def reference_config(policy_config: dict) -> dict:
@@ -209,10 +209,12 @@ def _bind_gloo_to(address: str) -> None:
 class LearnerWorker:
     """One rank of the learner; plain class, wrapped as a Ray actor by ``LearnerGroup``."""
 
-    def __init__(self, settings: LearnerSettings, rank: int, world_size: int) -> None:
+    def __init__(self, settings: LearnerSettings, run: LearnerRun, rank: int, world_size: int) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a learner of {world_size} ranks")
+        run.check(settings)
         self.settings = settings
+        self.run = run
         self.rank = rank
         self.world_size = world_size
         self.engine: Any = None
@@ -233,7 +235,6 @@ class LearnerWorker:
         and admits the ranks that prove ``secret``, the job's. It stays up until ``shutdown``:
         the groups DeepSpeed creates later (``new_group``) form through it too.
         """
-        from learner.weight_sender import node_ip
         from segr1.weightsync.rendezvous import RendezvousServer
 
         self._rendezvous = RendezvousServer(node_ip(), secret)
@@ -251,7 +252,6 @@ class LearnerWorker:
         import deepspeed
         from deepspeed.constants import default_pg_timeout
 
-        from learner.weight_sender import node_ip
         from segr1.weightsync.rendezvous import RendezvousStore
 
         on_gpu = torch.cuda.is_available()
@@ -274,13 +274,13 @@ class LearnerWorker:
             **options,
         )
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-        _seed_everything(self.settings.seed)
+        _seed_everything(self.run.seed)
         self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
-        self.bf16 = self.settings.bf16 and (not on_gpu or torch.cuda.is_bf16_supported())
+        self.bf16 = self.run.model.bf16 and (not on_gpu or torch.cuda.is_bf16_supported())
         self.ds_config = deepspeed_config(self.settings, self.world_size, self.bf16)
         self.zero3 = self.ds_config["zero_optimization"].get("stage") == 3
         self._build_policy()
-        if self.settings.loss.kl_coef > 0:
+        if self.run.loss.kl_coef > 0:
             self._build_reference()
         return {"rank": self.rank, "device": str(self.device), "bf16": self.bf16, "zero3": self.zero3}
 
@@ -293,7 +293,7 @@ class LearnerWorker:
         from transformers import AutoModelForImageTextToText
 
         model = AutoModelForImageTextToText.from_pretrained(
-            self.settings.model_path, dtype=torch.bfloat16 if self.bf16 else torch.float32
+            self.run.model.path, dtype=torch.bfloat16 if self.bf16 else torch.float32
         )
         model.config.use_cache = False
         return model
@@ -301,7 +301,7 @@ class LearnerWorker:
     def _build_policy(self) -> None:
         import deepspeed
 
-        self.processor = load_processor(self.settings.model_path, self.settings.min_pixels, self.settings.max_pixels)
+        self.processor = load_processor(self.run.model.path, self.run.model.min_pixels, self.run.model.max_pixels)
         self.cache = PromptCache(self.processor, self.settings.prompt_cache_groups)
         model = self._load_model()
         if self.settings.freeze_vision:
@@ -311,7 +311,8 @@ class LearnerWorker:
         optimizer = torch.optim.AdamW(
             self._param_groups(model), lr=self.settings.lr, betas=(0.9, 0.999), eps=1e-8
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, settings=self.settings))
+        schedule = functools.partial(lr_factor, settings=self.settings, decay_steps=self.run.decay_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
@@ -401,7 +402,7 @@ class LearnerWorker:
             with torch.no_grad():
                 entropy = aggregate(entropy_from_logits(logits), mask, "token_mean")
             return loss, {"loss": loss.item(), "entropy": entropy.item()}
-        loss_settings = self.settings.loss
+        loss_settings = self.run.loss
         if loss_settings.entropy_coef > 0:
             entropy = entropy_from_logits(logits)
         else:
@@ -511,7 +512,6 @@ class LearnerWorker:
 
     def check_storage(self, location: str, probe: str, token: str) -> None:
         """All ranks: prove this rank reads what the driver wrote under ``location`` (or raise)."""
-        from learner.weight_sender import node_ip
 
         Storage(location).check_probe(probe, token, who=f"learner rank {self.rank} on node {node_ip()}")
 

@@ -7,37 +7,25 @@ code a GPU cluster runs: ``python -m segr1.run --config cod --rollout.num_actors
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+from segr1.config import Config, command_parser, parse_command
+from segr1.config.tools import Alias, ConfigError
 from segr1.runtime.storage import StorageError
-from segr1.train.config import Config, load_config
-from segr1.train.configtools import ConfigError
 
-
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m segr1.run",
-        description="Train a Qwen2.5-VL policy to prompt SAM2 with GRPO (Seg-R1) on Ray.",
-        epilog="Any setting can be overridden with --section.key VALUE, e.g. --rollout.num_actors 8 "
-        "--trainer.mode async. See docs/training.md.",
-    )
-    parser.add_argument("--config", default="tiny", help="preset (tiny, prerl, cod, sod) or a YAML file")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    return parser.parse_known_args(argv)
+ALIASES = [Alias("--resume", "trainer.resume", "continue from the latest checkpoint", const=True)]
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args, overrides = parse_args(argv)
+    parser = command_parser("python -m segr1.run", "Train a Qwen2.5-VL policy to prompt SAM2 with GRPO (Seg-R1) "
+                            "on Ray.", ALIASES, default_config="tiny")
     try:
-        config = load_config(args.config, overrides)
+        _, config = parse_command(parser, ALIASES, argv)
     except ConfigError as exc:
         print(f"segr1.run: {exc}", file=sys.stderr)
         return 2
-    if args.resume:
-        config.trainer.resume = True
     try:
         train(config)
     except StorageError as exc:  # e.g. an output_dir the learner's node cannot see: say what to do

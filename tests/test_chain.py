@@ -19,10 +19,10 @@ import torch
 
 from actors.rollout import SamplingSettings
 from learner.inputs import PromptCache, collate, completion_logits, load_processor, token_logprobs
+from segr1.config import load_config
 from segr1.core.frames import processor_bounds
 from segr1.core.schema import SampleScore, ScoredGroup, train_samples
 from segr1.evaluation.results import RECORDS_FILE
-from segr1.train.config import load_config
 from segr1.train.job import build_job
 
 pytestmark = pytest.mark.slow

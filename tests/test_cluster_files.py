@@ -19,6 +19,7 @@ from ray._raylet import AuthenticationTokenLoader
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
 
+from segr1.config import load_config
 from segr1.runtime.ray_cluster import (
     MARKER_PER_BUNDLE,
     NODE_MARKERS,
@@ -33,7 +34,6 @@ from segr1.runtime.ray_cluster import (
     place_roles,
     role_placement,
 )
-from segr1.train.config import load_config
 from segr1.train.job import role_requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def segr1_args(command: str) -> list[str]:
 
 
 def job_config(args: list[str]):
-    """``--config NAME`` plus dotted overrides, loaded and validated by segr1.train.config."""
+    """``--config NAME`` plus dotted overrides, loaded and validated by segr1.config."""
     i = args.index("--config")
     return load_config(args[i + 1], args[:i] + args[i + 2:])
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from segr1.train.config import PRESETS, Config, config_dict, load_config
-from segr1.train.configtools import ConfigError, from_dict, parse_overrides, read_yaml, write_yaml
+from segr1.config import PRESETS, Config, config_dict, load_config
+from segr1.config.tools import ConfigError, from_dict, parse_overrides, read_yaml, write_yaml
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -89,3 +89,55 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 def test_parse_overrides_nests_keys():
     assert parse_overrides(["a.b.c=1", "--a.d", "x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_each_section_is_the_settings_object_its_role_takes():
+    """The job hands these objects to the roles as they are: a field added to a role's settings
+    is a config key at once, with one default (no copy that can drift)."""
+    from actors.reward import RewardSettings
+    from actors.rollout import RolloutSettings
+    from learner.worker import LearnerSettings
+    from segr1.core.policy import ModelSettings
+    from segr1.segmenters.settings import Sam2Settings
+
+    config = Config()
+    sections = (config.model, config.sam2, config.rollout, config.reward, config.learner)
+    assert [type(s) for s in sections] == [ModelSettings, Sam2Settings, RolloutSettings, RewardSettings,
+                                           LearnerSettings]
+    # The defaults that had drifted apart, now one each.
+    assert config.rollout.kv_cache_memory_bytes == 1 << 30 and load_config("tiny").rollout.kv_cache_memory_bytes == 128 << 20
+    assert config.reward.decode_chunk == 0  # the device's default (8 on CPU, 64 on a GPU)
+    assert config.sam2.box_point_radius == 4.0 and load_config("tiny", ["--sam2.box_point_radius", "1.5"]).sam2.box_point_radius == 1.5
+    assert load_config("tiny", ["--reward.num_gpus_per_actor", "0"]).reward.num_gpus_per_actor == 0  # SAM2 on CPU
+    with pytest.raises(ConfigError, match=r"reward.num_gpus_per_actor must be in \[0, 8\], got 9"):
+        load_config("tiny", ["--reward.num_gpus_per_actor", "9"])
+    with pytest.raises(ConfigError, match="sam2.image_size must be a positive multiple of 32, got 48"):
+        load_config("tiny", ["--sam2.image_size", "48"])
+
+
+def test_eval_and_sft_flags_are_aliases_of_config_keys(tmp_path):
+    """``segr1 eval`` and ``segr1 sft`` read the job's presets, YAML and dotted overrides; a short
+    flag sets its key, after the overrides."""
+    from segr1.config import command_parser, parse_command
+    from segr1.eval import ALIASES as EVAL
+    from segr1.eval import build_parser
+    from segr1.train.sft import ALIASES as SFT
+
+    args, config = parse_command(build_parser(), EVAL, [
+        "--config", "cod", "--policy", "2024", "--kv-cache-mb", "64", "--no-bf16", "--rollout-actors", "3",
+        "--rollout.max_model_len", "2048", "--benchmark", "x:y", "--out", str(tmp_path), "--temperature", "0.5",
+    ])
+    assert config.model.path == "2024"  # a path stays a string
+    assert (config.rollout.kv_cache_memory_bytes, config.reward.bf16) == (64 << 20, False)
+    assert (config.rollout.num_actors, config.rollout.max_model_len) == (3, 2048)
+    assert config.learner.zero_stage == 3 and config.data.task == "cod"  # the rest of the cod preset
+    assert config.evaluation.sampling().temperature == 0.5 and args.benchmark == ["x:y"]
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("model:\n  max_pixels: 12544\nsft:\n  steps: 7\n")
+    _, sft = parse_command(command_parser("sft", "", SFT), SFT, [
+        "--config", str(yaml_file), "--data", "shards", "--lr", "3e-5", "--random-coords", "--learner.zero_stage", "0",
+    ])
+    assert (sft.sft.steps, sft.sft.lr, sft.sft.random_coords, sft.model.max_pixels) == (7, 3e-5, True, 12544)
+    assert (sft.data.train, sft.learner.zero_stage) == ("shards", 0)
+    with pytest.raises(ConfigError, match="evaluation.max_tokens must be >= 1, got 0"):
+        parse_command(build_parser(), EVAL, ["--max-tokens", "0", "--benchmark", "x:y", "--out", "o"])

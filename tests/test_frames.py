@@ -25,6 +25,7 @@ from segr1.core.segment import BoxSegmenter
 from segr1.data import Record
 from segr1.evaluation.datasets import Example, Sample
 from segr1.evaluation.scoring import local_predictor
+from segr1.segmenters.settings import Sam2Settings
 from segr1.train.prompt_source import PromptSource
 from segr1.train.sft import answer_for_mask
 
@@ -69,7 +70,7 @@ def _record(side: int, box: tuple[int, int, int, int]) -> Record:
 
 
 def _reward_iou(record: Record, item, text: str) -> float:
-    actor = RewardActor(RewardSettings(backend="box", box_point_radius=1.0), device="cpu")
+    actor = RewardActor(Sam2Settings(backend="box", box_point_radius=1.0), RewardSettings(), device="cpu")
     group = RolloutGroup(item, [0], [Completion([0], text, [0.0], "stop")], weight_version=0)
     return actor.score_group(group, record.mask)[0].parts["iou"]
 

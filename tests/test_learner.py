@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,8 +23,9 @@ import torch
 
 from learner import checkpoint as ckpt
 from learner.inputs import PromptCache, collate, completion_logits, plan_micro_batches, process_prompt, token_logprobs
-from learner.worker import LearnerSettings, deepspeed_config, lr_factor
+from learner.worker import LearnerRun, LearnerSettings, deepspeed_config, lr_factor
 from segr1.core.grpo import LossSettings, grpo_loss
+from segr1.core.policy import ModelSettings
 from segr1.core.prompts import build_messages, render_prompt
 from segr1.core.schema import TrainSample, prompt_digest
 from segr1.runtime.storage import Storage
@@ -74,41 +76,44 @@ def test_plan_rejects_bad_batches():
         plan_micro_batches([_sample("g", 2)], 1, 1, aggregation="sum")
 
 
+MODEL = ModelSettings(path="m")
+
+
 def test_settings_and_deepspeed_config(tmp_path):
     with pytest.raises(ValueError, match="zero_stage"):
-        LearnerSettings(model_path="m", zero_stage=4)
+        LearnerSettings(zero_stage=4)
     with pytest.raises(TypeError, match="loss must be a segr1.core.grpo.LossSettings"):
-        LearnerSettings(model_path="m", loss={"kl_coef": 0.04})
+        LearnerRun(MODEL, loss={"kl_coef": 0.04}).check(LearnerSettings())
     with pytest.raises(ValueError, match="deepspeed_config .* is not a file"):
-        LearnerSettings(model_path="m", deepspeed_config=str(tmp_path / "missing.json"))
+        LearnerSettings(deepspeed_config=str(tmp_path / "missing.json"))
     override = tmp_path / "ds.json"
     override.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}))
-    settings = LearnerSettings(model_path="m", zero_stage=3, micro_batch_size=2, deepspeed_config=str(override))
+    settings = LearnerSettings(zero_stage=3, micro_batch_size=2, deepspeed_config=str(override))
     config = deepspeed_config(settings, world_size=4, bf16=True)
     assert config["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}
     assert config["gradient_clipping"] == 0.5 and config["train_batch_size"] == 8
     assert config["bf16"] == {"enabled": True}
     (tmp_path / "list.json").write_text("[1]")
     with pytest.raises(ValueError, match="list.json: must hold a JSON object"):
-        deepspeed_config(LearnerSettings(model_path="m", deepspeed_config=str(tmp_path / "list.json")), 1, False)
+        deepspeed_config(LearnerSettings(deepspeed_config=str(tmp_path / "list.json")), 1, False)
 
 
 def test_lr_schedule_warms_up_then_holds_or_follows_a_cosine_to_its_floor():
-    constant = LearnerSettings(model_path="m", warmup_steps=4)
-    assert [lr_factor(step, constant) for step in (0, 1, 3, 4, 10_000)] == [0.25, 0.5, 1.0, 1.0, 1.0]
-    cosine = LearnerSettings(model_path="m", warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1, decay_steps=12)
-    factors = [lr_factor(step, cosine) for step in range(20)]
+    constant = LearnerSettings(warmup_steps=4)
+    assert [lr_factor(step, constant, None) for step in (0, 1, 3, 4, 10_000)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cosine = LearnerSettings(warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
+    factors = [lr_factor(step, cosine, 12) for step in range(20)]
     assert factors[:2] == [0.5, 1.0]
     assert all(a > b for a, b in zip(factors[1:11], factors[2:12]))  # strictly down to the last step
     # Half-way through the decay (step 6 of 2..11) the cosine is at the mid-point of [floor, 1].
     assert factors[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
     assert factors[11:] == [pytest.approx(0.1)] * 9  # holds the floor past decay_steps, never turns up
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
-        LearnerSettings(model_path="m", lr_schedule="linear")
+        LearnerSettings(lr_schedule="linear")
     with pytest.raises(ValueError, match="min_lr_ratio must be in"):
-        LearnerSettings(model_path="m", lr_schedule="cosine", min_lr_ratio=1.5, decay_steps=10)
+        LearnerSettings(lr_schedule="cosine", min_lr_ratio=1.5)
     with pytest.raises(ValueError, match="needs decay_steps > warmup_steps"):
-        LearnerSettings(model_path="m", lr_schedule="cosine", warmup_steps=5, decay_steps=5)
+        LearnerRun(MODEL, decay_steps=5).check(LearnerSettings(lr_schedule="cosine", warmup_steps=5))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,31 +286,34 @@ def _with_behavior(samples: list[TrainSample], logprobs: list[list[float]]) -> l
     ]
 
 
-def _settings(model: Path, zero_stage: int, name: str, freeze_vision: bool = False) -> LearnerSettings:
+def _settings(zero_stage: int, freeze_vision: bool = False) -> LearnerSettings:
     return LearnerSettings(
-        model_path=str(model), num_workers=2, num_gpus_per_worker=0, num_cpus_per_worker=1,
-        zero_stage=zero_stage, bf16=False, lr=2e-3, warmup_steps=1, lr_schedule="cosine", min_lr_ratio=0.1,
-        decay_steps=4, grad_clip=1.0, micro_batch_size=2, loss=LossSettings(kl_coef=0.04), seed=0, name_prefix=name, gradient_checkpointing=True,
-        freeze_vision=freeze_vision,
+        num_workers=2, num_cpus_per_worker=1, zero_stage=zero_stage, lr=2e-3, warmup_steps=1, lr_schedule="cosine",
+        min_lr_ratio=0.1, grad_clip=1.0, micro_batch_size=2, gradient_checkpointing=True, freeze_vision=freeze_vision,
     )
 
 
+def _run(model: Path, loss: LossSettings = LossSettings(kl_coef=0.04)) -> LearnerRun:
+    return LearnerRun(ModelSettings(path=str(model), dtype="float32", min_pixels=None, max_pixels=None), loss,
+                      seed=0, decay_steps=4)
+
+
 def _reference_grad_norm(
-    model_dir: Path, processor, samples: list[TrainSample], settings: LearnerSettings
+    model_dir: Path, processor, samples: list[TrainSample], group: Any
 ) -> tuple[float, float]:
     """Loss and gradient norm of the whole batch in one process, without DeepSpeed."""
     import ray
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    model.model.visual.requires_grad_(not settings.freeze_vision)
+    model.model.visual.requires_grad_(not group.settings.freeze_vision)
     local = [TrainSample(s.group_id, s.prompt, ray.get(s.image), s.completion_ids, s.behavior_logprobs,
                          s.advantage, 0) for s in samples]
     cache = PromptCache(processor)
     batch = collate(local, [cache.get(s) for s in local], processor.tokenizer.pad_token_id)
     logp = token_logprobs(completion_logits(model, batch), batch.completion_ids)
     loss, _ = grpo_loss(
-        logp, batch.behavior_logprobs, logp.detach(), batch.advantages, batch.completion_mask, settings.loss
+        logp, batch.behavior_logprobs, logp.detach(), batch.advantages, batch.completion_mask, group.run.loss
     )
     loss.backward()
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
@@ -323,7 +331,7 @@ def _check_grpo_step(group, samples, tiny_qwen_dir, tiny_processor) -> list[Trai
     before = group.compute_logprobs(samples)
     assert [len(lp) for lp in before] == LENGTHS
     batch = _with_behavior(samples, before)
-    loss_ref, norm_ref = _reference_grad_norm(tiny_qwen_dir, tiny_processor, batch, group.settings)
+    loss_ref, norm_ref = _reference_grad_norm(tiny_qwen_dir, tiny_processor, batch, group)
     digest, vision = group.weights_digest(), group.weights_digest("model.visual.")
     metrics = group.train_step(batch)
     assert group.weights_digest() != digest
@@ -350,7 +358,7 @@ def test_zero2_grpo_step_moves_log_probs_and_resumes_exactly(
 ):
     from learner.group import LearnerGroup
 
-    group = LearnerGroup(_settings(tiny_qwen_dir, 2, "test-zero2", freeze_vision=True))
+    group = LearnerGroup(_settings(2, freeze_vision=True), _run(tiny_qwen_dir), name_prefix="test-zero2")
     try:
         next_batch = _check_grpo_step(group, grpo_batch, tiny_qwen_dir, tiny_processor)
         path = group.save_checkpoint(tmp_path, {"step": 1, "data": {"position": 6}})
@@ -364,7 +372,8 @@ def test_zero2_grpo_step_moves_log_probs_and_resumes_exactly(
         assert resumed["loss"] == uninterrupted["loss"] and resumed["lr"] == uninterrupted["lr"]
         # The second optimizer step is past warm-up, on the cosine, in both runs: the schedule's
         # position came back with the checkpoint.
-        assert resumed["lr"] == pytest.approx(2e-3 * lr_factor(1, group.settings)) and lr_factor(1, group.settings) < 1
+        factor = lr_factor(1, group.settings, group.run.decay_steps)
+        assert resumed["lr"] == pytest.approx(2e-3 * factor) and factor < 1
     finally:
         group.shutdown()
 
@@ -374,10 +383,10 @@ def test_tokens_leave_out_the_filler_of_a_rank_with_less_work(ray_local, tiny_qw
     from learner.group import LearnerGroup
 
     samples = [grpo_batch[2], grpo_batch[1], grpo_batch[5]]  # 9, 3 and 2 completion tokens
-    settings = replace(_settings(tiny_qwen_dir, 2, "test-fillers"), micro_batch_size=1, loss=LossSettings())
+    settings = replace(_settings(2), micro_batch_size=1)
     # one rank runs the 9-token sample, the other the 3 and the 2: the first adds a filler pass
     assert sum(m.is_filler for plan in plan_micro_batches(samples, 2, 1) for m in plan) == 1
-    group = LearnerGroup(settings)
+    group = LearnerGroup(settings, _run(tiny_qwen_dir, LossSettings()), name_prefix="test-fillers")
     try:
         metrics = group.train_step(samples)
     finally:
@@ -394,9 +403,9 @@ def test_zero3_resume_in_new_ranks_and_export_matches_vllm(
     uploads its own shard, and the fresh ranks download only the files they read."""
     from learner.group import LearnerGroup
 
-    settings = _settings(tiny_qwen_dir, 3, "test-zero3")
+    settings, run = _settings(3), _run(tiny_qwen_dir)
     root = Storage(s3_uri).child("zero3").location
-    group = LearnerGroup(settings)
+    group = LearnerGroup(settings, run, name_prefix="test-zero3")
     try:
         next_batch = _check_grpo_step(group, grpo_batch, tiny_qwen_dir, tiny_processor)
         assert group.save_checkpoint(root, {"step": 1}).endswith("zero3/step_1")
@@ -405,7 +414,7 @@ def test_zero3_resume_in_new_ranks_and_export_matches_vllm(
     finally:
         group.shutdown()
 
-    group = LearnerGroup(settings)  # a fresh job resuming from the checkpoint
+    group = LearnerGroup(settings, run, name_prefix="test-zero3")  # a fresh job resuming from the checkpoint
     try:
         assert group.load_checkpoint(root)["step"] == 1
         assert not Storage(root).staging_dir("step_1.rank1").exists()  # downloads are cleared

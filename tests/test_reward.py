@@ -27,6 +27,7 @@ from segr1.core.schema import Completion, PromptItem, RolloutGroup
 from segr1.core.segment import MaskPrompt
 from segr1.data.records import decode_mask, encode_jpeg, encode_mask
 from segr1.data.synth import synth_record
+from segr1.segmenters.settings import Sam2Settings
 
 IMAGE_W, IMAGE_H = 96, 80  # not square, to catch swapped axes
 POLICY_SIZE = (192, 160)  # the policy saw the image at twice the size: coordinates must be scaled
@@ -76,10 +77,15 @@ def record():
     return synth_record(0, size=(IMAGE_W, IMAGE_H))
 
 
-def _sam2_settings(tiny_sam2, **overrides) -> RewardSettings:
-    fields = dict(sam2_config=tiny_sam2.config, sam2_checkpoint=str(tiny_sam2.checkpoint),
-                  sam2_image_size=tiny_sam2.image_size, bf16=False, num_cpus=0.5)
-    return RewardSettings(**{**fields, **overrides})
+def _sam2(tiny_sam2) -> Sam2Settings:
+    return Sam2Settings(config=tiny_sam2.config, checkpoint=str(tiny_sam2.checkpoint), image_size=tiny_sam2.image_size)
+
+
+def _reward(**overrides) -> RewardSettings:
+    return RewardSettings(**{"bf16": False, "num_cpus_per_actor": 0.5, **overrides})
+
+
+BOX = Sam2Settings(backend="box")
 
 
 # --------------------------------------------------------------------------- box backend, bad input
@@ -89,7 +95,7 @@ def test_box_backend_rewards_are_the_known_values():
     gt = np.zeros((IMAGE_H, IMAGE_W), bool)
     gt[20:60, 10:50] = True  # rows 20..59, columns 10..49
     image = np.full((IMAGE_H, IMAGE_W, 3), 90, np.uint8)
-    actor = RewardActor(RewardSettings(backend="box", box_point_radius=0.0))
+    actor = RewardActor(Sam2Settings(backend="box", box_point_radius=0.0), RewardSettings())
     exact = answer_text(boxes=[[10, 20, 50, 60]], points=[[30, 40]], labels=[1], think="t")
     half = answer_text(boxes=[[10, 20, 30, 60]], points=[[20, 40]], labels=[1], think="t")
     no_think = answer_text(boxes=[[10, 20, 50, 60]], points=[[30, 40]], labels=[1])
@@ -103,7 +109,7 @@ def test_box_backend_rewards_are_the_known_values():
 
 
 def test_any_completion_text_scores_without_raising(record):
-    actor = RewardActor(RewardSettings(backend="box"))
+    actor = RewardActor(BOX, RewardSettings())
     scores = actor.score_group(_group(record.image, GARBAGE), record.mask)
     assert len(scores) == len(GARBAGE)
     for s in scores:
@@ -116,7 +122,7 @@ def test_any_completion_text_scores_without_raising(record):
 
 
 def test_a_group_without_any_prompt_is_not_encoded(record):
-    actor = RewardActor(RewardSettings(backend="box"))
+    actor = RewardActor(BOX, RewardSettings())
     texts = [g for i, g in enumerate(GARBAGE) if i != 2]
     scores = actor.score_group(_group(record.image, texts), record.mask)
     assert [s.reward for s in scores] == [0.0] * len(texts)
@@ -124,7 +130,7 @@ def test_a_group_without_any_prompt_is_not_encoded(record):
 
 
 def test_bytes_and_arrays_give_the_same_scores_and_masks_come_back_as_png(record):
-    actor = RewardActor(RewardSettings(backend="box"))
+    actor = RewardActor(BOX, RewardSettings())
     texts = _candidate_texts(record.mask, np.random.default_rng(1), 4)
     from_arrays = actor.score_group(_group(record.image, texts), record.mask, return_masks=True)
     png_image = io.BytesIO()
@@ -150,7 +156,7 @@ def test_bytes_and_arrays_give_the_same_scores_and_masks_come_back_as_png(record
     ],
 )
 def test_bad_images_and_masks_name_the_record(record, image, mask, reason):
-    actor = RewardActor(RewardSettings(backend="box"))
+    actor = RewardActor(BOX, RewardSettings())
     if isinstance(image, str):
         image = record.image[::2, ::2]
     image = record.image if image is None else image
@@ -161,14 +167,14 @@ def test_bad_images_and_masks_name_the_record(record, image, mask, reason):
 
 
 def test_unknown_task_names_the_record(record):
-    actor = RewardActor(RewardSettings(backend="box"))
+    actor = RewardActor(BOX, RewardSettings())
     with pytest.raises(ValueError, match="bad-task-3.*unknown task"):
         actor.score_group(_group(record.image, ["x"], record_id="bad-task-3", task="nope"), record.mask)
 
 
 def test_custom_weights_reach_the_reward(record):
     weights = RewardWeights(format=0.5, iou=1.0, smeasure=0.0)
-    actor = RewardActor(RewardSettings(backend="box", weights=weights))
+    actor = RewardActor(BOX, RewardSettings(weights=weights))
     text = _candidate_texts(record.mask, np.random.default_rng(3), 1)
     s = actor.score_group(_group(record.image, text), record.mask)[0]
     assert s.reward == pytest.approx(0.5 * s.parts["format"] + s.parts["iou"])
@@ -179,17 +185,19 @@ def test_custom_weights_reach_the_reward(record):
     [("sam2", 1.0, 8, 1.0), ("sam2", 0.25, 1, 0.25), ("sam2", 1.0, 0, 0), ("box", 1.0, 8, 0), ("sam2", 0.0, 8, 0)],
 )
 def test_actors_ask_for_gpus_only_for_sam2_on_a_gpu_cluster(backend, num_gpus, cluster_gpus, expected):
-    settings = RewardSettings(backend=backend, num_gpus=num_gpus, num_cpus=0.5)
-    options = actor_options(settings, "reward-3", max_restarts=2, cluster_gpus=cluster_gpus)
+    settings = RewardSettings(num_gpus_per_actor=num_gpus, num_cpus_per_actor=0.5, max_restarts=2)
+    options = actor_options(Sam2Settings(backend=backend), settings, "reward-3", cluster_gpus=cluster_gpus)
     assert options == {"name": "reward-3", "num_cpus": 0.5, "num_gpus": expected, "max_restarts": 2,
                        "max_task_retries": 0}
 
 
 def test_settings_refuse_nonsense():
     with pytest.raises(ValueError, match="backend"):
-        RewardSettings(backend="sam3")
-    with pytest.raises(ValueError, match="num_gpus"):
-        RewardSettings(num_gpus=-1)
+        Sam2Settings(backend="sam3")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Sam2Settings(image_size=48)
+    with pytest.raises(ValueError, match=r"num_gpus_per_actor must be in \[0, 8\]"):
+        RewardSettings(num_gpus_per_actor=-1)
     with pytest.raises(ValueError, match="decode_chunk"):
         RewardSettings(decode_chunk=-2)
     with pytest.raises(ValueError, match="decode_pad_to"):
@@ -201,7 +209,7 @@ def test_settings_refuse_nonsense():
 
 @pytest.fixture(scope="module")
 def sam2_actor(tiny_sam2):
-    return RewardActor(_sam2_settings(tiny_sam2, decode_chunk=3), name="in-process")
+    return RewardActor(_sam2(tiny_sam2), _reward(decode_chunk=3), name="in-process")
 
 
 @pytest.fixture(scope="module")
@@ -394,8 +402,8 @@ def test_score_group_matches_the_per_sample_loop(sam2_actor, reference_predictor
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster, tiny_sam2):
-    pool = make_reward_pool(_sam2_settings(tiny_sam2), num_actors=2, max_restarts=2,
-                            max_in_flight_per_actor=1, name_prefix="test-reward")
+    pool = make_reward_pool(_sam2(tiny_sam2), _reward(num_actors=2, max_restarts=2, max_in_flight_per_actor=1),
+                            name_prefix="test-reward")
     pool.pool.call_all("info")  # wait until both have built SAM2
     yield pool
     pool.shutdown()
@@ -469,8 +477,8 @@ def test_pool_raises_a_bad_record_instead_of_dropping_it(pool):
 
 @pytest.mark.slow
 def test_a_death_while_the_other_actor_is_busy_does_not_stop_the_job(ray_cluster, record):
-    pool = make_reward_pool(RewardSettings(backend="box", num_cpus=0.5), num_actors=2, max_restarts=2,
-                            max_in_flight_per_actor=1, name_prefix="busy-reward")
+    pool = make_reward_pool(BOX, _reward(num_actors=2, max_restarts=2, max_in_flight_per_actor=1),
+                            name_prefix="busy-reward")
     try:
         pool.pool.call_all("info")
         image, mask = ray.put(record.image), ray.put(record.mask)

@@ -23,6 +23,7 @@ from actors.rollout import RolloutActor, RolloutSettings, SamplingSettings
 from learner.inputs import PromptCache, collate, completion_logits, load_processor, process_prompt, token_logprobs
 from learner.weight_sender import WeightSender, weight_meta
 from segr1.core.frames import PixelBounds
+from segr1.core.policy import ModelSettings
 from segr1.core.prompts import build_messages, render_prompt
 from segr1.core.schema import PromptItem, RolloutGroup, SampleScore, ScoredGroup, TrainSample, train_samples
 from segr1.weightsync.weight_sync import WeightSyncError
@@ -39,11 +40,11 @@ MIN_PIXELS = MAX_PIXELS = 56 * 56
 FRAME = PixelBounds(MIN_PIXELS, MAX_PIXELS).frame((112, 112))  # (56, 56): the answers' frame
 
 
-def settings_for(model_dir: Path) -> RolloutSettings:
-    return RolloutSettings(
-        model=str(model_dir), dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 << 20,
-        enforce_eager=True, seed=0, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
-    )
+def model_for(model_dir: Path) -> ModelSettings:
+    return ModelSettings(path=str(model_dir), dtype="float32", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+
+
+ENGINE = RolloutSettings(max_model_len=1024, kv_cache_memory_bytes=64 << 20, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def items(policy: dict[str, Any]) -> list[PromptItem]:
 
 @pytest.fixture(scope="module")
 def actor(tiny_qwen_dir: Path) -> Iterator[RolloutActor]:
-    actor = RolloutActor(settings_for(tiny_qwen_dir), name="local")
+    actor = RolloutActor(model_for(tiny_qwen_dir), ENGINE, name="local")
     yield actor
     actor.shutdown()
 
@@ -297,7 +298,7 @@ def test_a_failed_sync_blocks_sampling_until_a_full_sync(actor, items, policy, l
 def pool(ray_cluster, tiny_qwen_dir: Path):
     from actors.rollout import RolloutPool
 
-    pool = RolloutPool(settings_for(tiny_qwen_dir), 2, use_gpu=False, cpus_per_actor=1.0, max_restarts=2)
+    pool = RolloutPool(model_for(tiny_qwen_dir), replace(ENGINE, num_actors=2, max_restarts=2), use_gpu=False)
     yield pool
     pool.shutdown()
 

@@ -20,8 +20,8 @@ import ray
 from ray_head import REPO, start_ray_head
 
 from actors.rollout import SamplingSettings
+from segr1.config import load_config
 from segr1.core.schema import TrainSample
-from segr1.train.config import load_config
 from segr1.train.job import build_job
 from segr1.weightsync.rendezvous import RendezvousRefused, RendezvousStore
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from segr1.train.config import load_config
+from segr1.config import load_config
 from segr1.train.trainer import Trainer
 
 

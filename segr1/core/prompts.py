@@ -77,6 +77,7 @@ _TASKS: dict[str, tuple[str, str, AnswerFormat, bool]] = {
 _TASKS["dis"] = _TASKS["prerl"]
 
 TASKS = tuple(sorted(_TASKS))
+TEXT_TASKS = tuple(task for task, spec in _TASKS.items() if spec[3])  # asked with an expression: refer, reason
 
 
 def _task(task: str) -> tuple[str, str, AnswerFormat, bool]:
@@ -122,6 +123,22 @@ def pixel_bounds(min_pixels: int | None, max_pixels: int | None) -> dict[str, in
 def render_prompt(processor: Any, messages: list[dict[str, Any]]) -> str:
     """Render ``messages`` with the processor's chat template, ready for generation."""
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class PromptRenderer:
+    """``render_prompt`` with ``processor`` for a task and expression; the expression-less prompts
+    (COD, SOD, DIS) are the same for every image, so each is rendered once."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self._fixed: dict[str, str] = {}
+
+    def __call__(self, task: str, expression: str | None = None) -> str:
+        if expression is not None:
+            return render_prompt(self.processor, build_messages(task, expression))
+        if task not in self._fixed:
+            self._fixed[task] = render_prompt(self.processor, build_messages(task))
+        return self._fixed[task]
 
 
 def _number(value: float, decimals: int) -> str:

@@ -14,6 +14,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+
+def rgb_image(value: Any, owner: str) -> np.ndarray:
+    """``value`` as the uint8 (H, W, 3) RGB array every role expects, or a ValueError naming
+    ``owner`` (the record or group it belongs to) and what it got instead."""
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{owner}: image must be a uint8 HxWx3 RGB array, got {type(value).__name__}")
+    if value.dtype != np.uint8 or value.ndim != 3 or value.shape[2] != 3 or 0 in value.shape:
+        raise ValueError(f"{owner}: image must be a uint8 HxWx3 RGB array, got {value.dtype} array of shape "
+                         f"{value.shape}")
+    return value
+
 
 @dataclass(frozen=True)
 class PromptItem:

@@ -17,9 +17,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from segr1.core.prompts import TEXT_TASKS
+from segr1.core.schema import rgb_image
+
 SCHEMA_VERSION = 1
 TASKS = ("cod", "sod", "dis", "refer", "reason")
-TEXT_TASKS = ("refer", "reason")
 JPEG_QUALITY = 95
 MASK_THRESHOLD = 128
 
@@ -64,11 +66,7 @@ class Record:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"record {self.id!r}: task {self.task!r} is not one of {TASKS}")
-        image = np.asarray(self.image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(
-                f"record {self.id!r}: image must be uint8 HxWx3 RGB, got {image.dtype} {image.shape}"
-            )
+        image = rgb_image(np.asarray(self.image), f"record {self.id!r}")
         self.image = image
         self.mask = _as_bool_mask(self.mask, self.id)
         if self.mask.shape != image.shape[:2]:

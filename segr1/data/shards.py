@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from segr1.core.files import write_atomic
 from segr1.data.records import SCHEMA, SCHEMA_VERSION, DatasetError, Record, check_row, encode_record
 
 MANIFEST_NAME = "manifest.json"
@@ -53,12 +54,6 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     ):
         raise DatasetError(f"{path}: 'shards' must list {{file, rows}} entries")
     return manifest
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -198,7 +193,7 @@ class ShardWriter:
             "shards": self._shards,
         }
         manifest.update(extra or {})
-        write_json_atomic(self.out_dir / MANIFEST_NAME, manifest)
+        write_atomic(self.out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
         self._manifest = manifest
         self._closed = True
         return manifest

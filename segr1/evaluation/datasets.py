@@ -23,13 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from segr1.core.prompts import TEXT_TASKS
 from segr1.data.layouts import PairSource, list_pairs, parse_pair_spec, resolve_layout
 from segr1.data.reader import ShardReader
 from segr1.data.records import DatasetError, binarise_mask
 from segr1.data.shards import MANIFEST_NAME, read_manifest
 
 FOREGROUND_TASKS = ("cod", "sod")
-TEXT_TASKS = ("refer", "reason")
 EVAL_TASKS = FOREGROUND_TASKS + TEXT_TASKS
 # The paper feeds the policy 768 x 768 images for COD/SOD and 1024 x 1024 for referring and
 # reasoning segmentation.

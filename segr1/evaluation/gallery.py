@@ -18,8 +18,9 @@ import numpy as np
 from PIL import Image
 
 from segr1.core.draw import panel
+from segr1.core.files import write_atomic
 from segr1.evaluation.datasets import Benchmark, Example, Sample
-from segr1.evaluation.results import EvalResult, ResultStore, write_bytes_atomic
+from segr1.evaluation.results import EvalResult, ResultStore
 
 GALLERY_DIR = "gallery"
 INDEX = "index.html"
@@ -149,5 +150,5 @@ def write_gallery(
         for benchmark, store, ids in benchmarks
     ]
     path = gallery_dir / INDEX
-    write_bytes_atomic(path, gallery_html(sections).encode())
+    write_atomic(path, gallery_html(sections))
     return path

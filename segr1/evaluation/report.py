@@ -14,8 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from segr1.core.files import write_atomic
 from segr1.evaluation.datasets import FOREGROUND_TASKS
-from segr1.evaluation.results import write_bytes_atomic
 from segr1.evaluation.scoring import BenchmarkScore
 
 RESULTS_JSON = "results.json"
@@ -104,6 +104,6 @@ def results_markdown(scores: Sequence[BenchmarkScore], settings: dict[str, Any])
 def write_report(out_dir: Path, scores: Sequence[BenchmarkScore], settings: dict[str, Any]) -> tuple[Path, Path]:
     """results.json and results.md in ``out_dir``, each written to a temp name and renamed."""
     json_path, md_path = out_dir / RESULTS_JSON, out_dir / RESULTS_MD
-    write_bytes_atomic(json_path, (json.dumps(results_json(scores, settings), indent=2) + "\n").encode())
-    write_bytes_atomic(md_path, results_markdown(scores, settings).encode())
+    write_atomic(json_path, json.dumps(results_json(scores, settings), indent=2) + "\n")
+    write_atomic(md_path, results_markdown(scores, settings))
     return json_path, md_path

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from segr1.core.files import write_atomic
+
 RECORDS_FILE = "records.jsonl"
 SETTINGS_FILE = "settings.json"
 MASKS_DIR = "masks"
@@ -79,15 +81,6 @@ def mask_file_name(example_id: str) -> str:
     return f"{safe}.png"
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def encode_png(mask: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(buffer, format="PNG")
@@ -131,7 +124,7 @@ class ResultStore:
                     f"{self.directory}: holds results made with other settings ({detail}); "
                     "use another --out, or --restart to discard them"
                 )
-        write_bytes_atomic(path, (json.dumps(wanted, indent=2) + "\n").encode())
+        write_atomic(path, json.dumps(wanted, indent=2) + "\n")
 
     def _load(self) -> dict[str, EvalResult]:
         if not self.records_path.exists():
@@ -158,7 +151,7 @@ class ResultStore:
 
     def add(self, result: EvalResult, mask: np.ndarray) -> None:
         """Save the mask, then append the result line durably."""
-        write_bytes_atomic(self.masks_dir / result.mask, encode_png(mask))
+        write_atomic(self.masks_dir / result.mask, encode_png(mask))
         line = json.dumps(asdict(result), separators=(",", ":")) + "\n"
         with self.records_path.open("ab") as f:
             f.write(line.encode())

@@ -61,6 +61,11 @@ class ClusterInfo:
     node_resources: dict[str, dict[str, float]] = field(default_factory=dict)  # node id -> resources
 
 
+def node_ip() -> str:
+    """This node's address as other Ray nodes reach it; loopback outside Ray (tests, benchmarks)."""
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
 def connect(
     address: str | None = None,
     num_cpus: float | None = None,

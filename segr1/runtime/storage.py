@@ -27,6 +27,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from segr1.core.files import write_atomic
+
 PROBE_PREFIX = ".segr1-storage-probe-"
 
 
@@ -98,13 +100,13 @@ class Storage:
         final = self.path(name)
         parent = final.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
+        if self.is_local:
+            write_atomic(final, text)
+            return
         tmp = f"{parent}/.{final.rsplit('/', 1)[1]}.{secrets.token_hex(4)}.tmp"
         with self.fs.open_output_stream(tmp) as stream:
             stream.write(text.encode())
-        if self.is_local:
-            os.replace(tmp, final)  # atomic on a POSIX file system
-        else:
-            self.fs.move(tmp, final)  # object stores: a whole-object copy, never a partial one
+        self.fs.move(tmp, final)  # object stores: a whole-object copy, never a partial one
 
     def delete(self, name: str) -> None:
         info = self.fs.get_file_info(self.path(name))

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 # Strides of the three backbone levels the predictor keeps (Hiera with scalp=1 drops the 4th).
 _FEATURE_STRIDES = (4, 8, 16)
 # Hiera still computes its deepest stage (stride 32); other sizes fail inside the FPN neck.
-_SIZE_MULTIPLE = 32
+SIZE_MULTIPLE = 32
 
 
 def load_sam2_predictor(
@@ -33,8 +33,8 @@ def load_sam2_predictor(
     """
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"SAM2 checkpoint not found: {checkpoint}")
-    if image_size is not None and (image_size <= 0 or image_size % _SIZE_MULTIPLE):
-        raise ValueError(f"image_size={image_size}: SAM2 needs a positive multiple of {_SIZE_MULTIPLE}")
+    if image_size is not None and (image_size <= 0 or image_size % SIZE_MULTIPLE):
+        raise ValueError(f"image_size={image_size}: SAM2 needs a positive multiple of {SIZE_MULTIPLE}")
 
     from sam2.build_sam import build_sam2
     from sam2.sam2_image_predictor import SAM2ImagePredictor

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from segr1.core.schema import rgb_image
 from segr1.core.segment import MaskPrompt
 
 _BOX_LABELS = (2, 3)  # SAM's labels for a box's top-left and bottom-right corners
@@ -120,9 +121,7 @@ class Sam2Segmenter:
     @torch.inference_mode()
     def embed(self, image: np.ndarray) -> Sam2Embedding:
         """Encode an RGB uint8 (H, W, 3) image."""
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"Sam2Segmenter.embed expects uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
+        image = rgb_image(np.asarray(image), "Sam2Segmenter.embed")
         start = time.perf_counter()
         with self._autocast():
             self.predictor.set_image(image)

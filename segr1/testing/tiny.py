@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+from segr1.core.files import move_into_place
+
 # Bump when a change in this file changes what is built, so old cache entries are not reused.
 FACTORY_VERSION = "segr1-tiny-1"
 
@@ -140,11 +142,7 @@ def _build_once(cache_dir: Path | None, settings: dict, write: Callable[[Path], 
     try:
         write(tmp)
         (tmp / "segr1_tiny.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.is_dir():  # not a lost race: a real failure
-                raise
+        move_into_place(tmp, final, replace=False)  # another process may have built it meanwhile
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -14,19 +14,18 @@ from typing import Any
 
 import ray
 
-from actors.reward import RewardSettings, make_reward_pool
-from actors.rollout import RolloutPool, RolloutSettings, SamplingSettings
+from actors.pipeline import Pipeline, prompts_per_call
+from actors.reward import make_reward_pool
+from actors.rollout import RolloutPool
 from learner.group import LearnerGroup
 from learner.inputs import load_processor
-from learner.worker import LearnerSettings
+from learner.worker import LearnerRun
+from segr1.config import Config, config_dict, resolve_model
+from segr1.config.tools import write_yaml
 from segr1.data import ShardReader, read_manifest, write_synth
 from segr1.runtime.ray_cluster import RoleRequest, connect, place_roles
 from segr1.runtime.storage import Storage, StorageError
-from segr1.testing import tiny
-from segr1.train.config import Config, config_dict
-from segr1.train.configtools import write_yaml
 from segr1.train.monitor import Monitor
-from segr1.train.pipeline import Pipeline, prompts_per_call
 from segr1.train.prompt_source import PromptSource
 from segr1.train.trainer import LOG_NAMES, Trainer
 
@@ -103,15 +102,6 @@ class WeightSync:
         return version
 
 
-def resolve_model(config: Config) -> str:
-    """The policy to load: the tiny model, a local directory made absolute (the previous stage's
-    ``runs/cod/export`` names the same folder on every node), or a hub id as given."""
-    if config.model.path == "tiny":
-        return str(tiny.build_qwen(seed=config.model.seed))
-    path = Path(config.model.path).expanduser()
-    return str(path.resolve()) if path.exists() else config.model.path
-
-
 def role_requests(config: Config, use_gpus: bool) -> list[RoleRequest]:
     """The three roles' requests from the job config; ``use_gpus=False`` on a cluster without GPUs.
 
@@ -129,21 +119,6 @@ def role_requests(config: Config, use_gpus: bool) -> list[RoleRequest]:
         RoleRequest("learner", config.learner.num_workers, config.learner.num_cpus_per_worker,
                     gpus(config.learner.num_gpus_per_worker)),
     ]
-
-
-def reward_settings(config: Config) -> RewardSettings:
-    sam2, reward = config.sam2, config.reward
-    config_name, checkpoint, image_size = sam2.config, sam2.checkpoint, sam2.image_size
-    if checkpoint == "tiny":
-        built = tiny.build_sam2(seed=config.model.seed, image_size=image_size or 256)
-        config_name, checkpoint, image_size = built.config, str(built.checkpoint), built.image_size
-    return RewardSettings(
-        backend=sam2.backend, sam2_config=config_name, sam2_checkpoint=checkpoint,
-        sam2_image_size=image_size, box_point_radius=float(sam2.box_point_radius),
-        num_gpus=reward.num_gpus_per_actor, num_cpus=reward.num_cpus_per_actor, bf16=reward.bf16,
-        decode_chunk=reward.decode_chunk, decode_pad_to=reward.decode_pad_to,
-        weights=reward.weights, limits=reward.limits,
-    )
 
 
 def dataset_dir(config: Config, out_dir: Path, split: str) -> Path | None:
@@ -180,15 +155,12 @@ def build_job(config: Config, output_dir: str | Path) -> Job:
     """Start every role of the run whose checkpoints and export go under ``output_dir`` (a path,
     made absolute here, or a pyarrow.fs URI); the learner proves it reaches it before training."""
     storage = Storage(output_dir)
-    model_path = resolve_model(config)
-    config = replace(
-        config, model=replace(config.model, path=model_path), trainer=replace(config.trainer, output_dir=storage.location)
-    )
+    config = replace(config, model=resolve_model(config.model), trainer=replace(config.trainer, output_dir=storage.location))
     out_dir = run_dir(storage, config.trainer.resume)
     write_yaml(config_dict(config), out_dir / "config.yaml")  # what this run really used
     info = connect(config.ray.address, config.ray.num_cpus, config.ray.dashboard_host, config.ray.dashboard_port)
     # The engines' and the learner's bounds: the prompts' answer frame is computed with them.
-    processor = load_processor(model_path, config.model.min_pixels, config.model.max_pixels)
+    processor = load_processor(config.model.path, config.model.min_pixels, config.model.max_pixels)
     train_dir = dataset_dir(config, out_dir, "train")
     assert train_dir is not None
     reader = ShardReader(train_dir, shuffle=config.data.shuffle, seed=config.data.seed)
@@ -207,19 +179,9 @@ def build_job(config: Config, output_dir: str | Path) -> Job:
 
     use_gpus = info.num_gpus > 0
     placements = place_roles(role_requests(config, use_gpus))
-    lc = config.learner
-    learner = LearnerGroup(LearnerSettings(
-        model_path=model_path, min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels,
-        num_workers=lc.num_workers, num_gpus_per_worker=lc.num_gpus_per_worker if use_gpus else 0,
-        num_cpus_per_worker=lc.num_cpus_per_worker, zero_stage=lc.zero_stage, bf16=config.model.dtype == "bfloat16",
-        lr=lc.lr, warmup_steps=lc.warmup_steps, lr_schedule=lc.lr_schedule, min_lr_ratio=lc.min_lr_ratio,
-        decay_steps=config.trainer.steps * lc.iterations_per_batch,  # optimizer steps in the whole run
-        weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
-        micro_batch_size=lc.micro_batch_size, iterations_per_batch=lc.iterations_per_batch,
-        gradient_checkpointing=lc.gradient_checkpointing, freeze_vision=lc.freeze_vision,
-        deepspeed_config=lc.deepspeed_config, loss=config.grpo, seed=config.trainer.seed,
-        sync_bucket_mb=lc.sync_bucket_mb,
-    ), placement=placements["learner"])
+    run = LearnerRun(config.model, config.grpo, seed=config.trainer.seed,
+                     decay_steps=config.trainer.steps * config.learner.iterations_per_batch)  # the run's optimizer steps
+    learner = LearnerGroup(config.learner, run, placement=placements["learner"], use_gpu=use_gpus)
     try:  # before the engines start: a location the learner cannot see fails in seconds
         learner.check_storage(storage.location)
     except StorageError:
@@ -227,26 +189,13 @@ def build_job(config: Config, output_dir: str | Path) -> Job:
         for placement in placements.values():
             placement.remove()
         raise
-    r = config.rollout
-    rollout = RolloutPool(
-        RolloutSettings(
-            model=model_path, dtype=config.model.dtype, tensor_parallel_size=r.num_gpus_per_actor,
-            max_model_len=r.max_model_len, kv_cache_memory_bytes=r.kv_cache_memory_bytes,
-            gpu_memory_utilization=r.gpu_memory_utilization, seed=config.trainer.seed,
-            min_pixels=config.model.min_pixels, max_pixels=config.model.max_pixels, enforce_eager=r.enforce_eager,
-        ),
-        r.num_actors, placement=placements["rollout"], max_in_flight_per_actor=r.max_in_flight_per_actor,
-        max_restarts=r.max_restarts,
-    )
-    reward = make_reward_pool(
-        reward_settings(config), config.reward.num_actors, max_restarts=config.reward.max_restarts,
-        max_in_flight_per_actor=config.reward.max_in_flight_per_actor, placement_group=placements["reward"].placement_group,
-    )
+    rollout = RolloutPool(config.model, config.rollout, seed=config.trainer.seed, placement=placements["rollout"])
+    reward = make_reward_pool(config.sam2, config.reward, placement_group=placements["reward"].placement_group)
     weights = WeightSync(learner, rollout)
-    sampling = SamplingSettings(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
     pipeline = Pipeline(
-        rollout.pool, reward.pool, sampling,
-        prompts_per_call(config.trainer.prompts_per_step, r.num_actors, r.max_in_flight_per_actor),
+        rollout.pool, reward.pool, config.rollout.sampling(),
+        prompts_per_call(config.trainer.prompts_per_step, config.rollout.num_actors,
+                         config.rollout.max_in_flight_per_actor),
     )
     monitor = Monitor(out_dir, config.trainer.steps)
     trainer = Trainer(config, pipeline, learner, weights, source, eval_prompts, monitor, storage.location,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from segr1.core.draw import panel
+from segr1.core.files import move_into_place, write_atomic
 
 log = logging.getLogger("segr1")
 
@@ -63,9 +63,7 @@ class Monitor:
         """
         kept = _lines_up_to(self._jsonl_path, step)
         self._jsonl.close()
-        tmp = self._jsonl_path.with_name(self._jsonl_path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self._jsonl_path)
+        write_atomic(self._jsonl_path, "".join(kept))
         self._jsonl = open(self._jsonl_path, "a", buffering=1)
         if self._tb is not None:
             self._tb.close()
@@ -99,9 +97,7 @@ class Monitor:
             index.append({"file": f"{i}.png", "group_id": sample.group_id, "reward": sample.reward,
                           "completion": sample.text})
         (tmp / "samples.json").write_text(json.dumps(index, indent=1))
-        if final.exists():  # a resumed run redoing this step replaces the older pictures
-            _remove_tree(final)
-        os.replace(tmp, final)
+        move_into_place(tmp, final)  # a resumed run redoing this step replaces the older pictures
         return final
 
     def flush(self) -> None:
@@ -164,8 +160,3 @@ def _plain(value: Any) -> Any:
         return value.item()
     return value
 
-
-def _remove_tree(path: Path) -> None:
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()

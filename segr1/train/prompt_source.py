@@ -8,25 +8,15 @@ in the same order as an uninterrupted one.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from actors.pipeline import IssuedPrompt
 from segr1.core.frames import processor_bounds
-from segr1.core.prompts import build_messages, render_prompt
+from segr1.core.prompts import TEXT_TASKS, PromptRenderer
 from segr1.core.schema import PromptItem
 from segr1.data import Record, ShardReader
-
-TEXT_TASKS = ("refer", "reason")
-
-
-@dataclass(frozen=True)
-class IssuedPrompt:
-    """A prompt item plus the ground-truth mask reference the reward actor scores it against."""
-
-    item: PromptItem
-    mask: Any
 
 
 class PromptSource:
@@ -53,7 +43,7 @@ class PromptSource:
         self.prefix = prefix
         self.issued = 0
         self._records: Iterator[Record] = iter(reader)
-        self._prompts: dict[str, str] = {}
+        self._render = PromptRenderer(processor)
 
     def next(self, count: int) -> list[IssuedPrompt]:
         """The next ``count`` prompts; raises StopIteration when a finite reader runs out."""
@@ -86,10 +76,3 @@ class PromptSource:
         if not record.texts:
             raise ValueError(f"record {record.id!r} has no expression for task {task!r}")
         return record.texts[self.issued % len(record.texts)]
-
-    def _render(self, task: str, expression: str | None) -> str:
-        if expression is not None:
-            return render_prompt(self.processor, build_messages(task, expression))
-        if task not in self._prompts:  # COD/SOD prompts are identical for every record
-            self._prompts[task] = render_prompt(self.processor, build_messages(task))
-        return self._prompts[task]

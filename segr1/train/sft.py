@@ -2,6 +2,11 @@
 
     python -m segr1.sft --model DIR --data SHARDS --output CKPT_DIR [--steps N] [--export HF_DIR]
 
+Its settings are the training job's configuration (``--config``, none by default, plus dotted
+overrides): the short flags are aliases of its keys (``--model`` is ``model.path``, ``--data``
+``data.train``, ``--output`` ``trainer.output_dir``), the learner is the ``learner`` section, and
+``sft`` holds SFT's own (steps, batch size, learning rate, ...).
+
 Each record becomes (image, task prompt, canonical answer): a box around the ground-truth mask,
 two points inside it and one outside, written by ``segr1.core.prompts.answer_text`` in the format the
 parser reads back. ``--random-coords`` keeps the format but draws every coordinate at random, so a
@@ -19,19 +24,19 @@ the run ends with a Hugging Face export (``OUTPUT/export`` unless ``--export`` s
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 
+from segr1.config import Config, command_parser, parse_command, resolve_model
+from segr1.config.tools import Alias, ConfigError
 from segr1.core.frames import processor_bounds, to_policy_frame
-from segr1.core.prompts import answer_format, answer_text, build_messages, render_prompt
+from segr1.core.prompts import TEXT_TASKS, PromptRenderer, answer_format, answer_text
 from segr1.core.schema import TrainSample
-
-TEXT_TASKS = ("refer", "reason")
 
 
 def answer_for_mask(
@@ -101,6 +106,7 @@ def sft_samples(records, processor, random_coords: bool, seed: int) -> Iterator[
     tokenizer = processor.tokenizer
     end_of_turn = tokenizer.eos_token_id
     bounds = processor_bounds(processor)
+    render = PromptRenderer(processor)
     for record in records:
         rng = np.random.default_rng([seed, zlib.crc32(record.id.encode())])  # same per record on every run
         height, width = record.mask.shape
@@ -112,7 +118,7 @@ def sft_samples(records, processor, random_coords: bool, seed: int) -> Iterator[
             if answer is None:
                 continue
         expression = record.texts[0] if record.task in TEXT_TASKS else None
-        prompt = render_prompt(processor, build_messages(record.task, expression))
+        prompt = render(record.task, expression)
         ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_of_turn]
         yield TrainSample(
             group_id=record.id, prompt=prompt, image=record.image, completion_ids=ids,
@@ -120,68 +126,71 @@ def sft_samples(records, processor, random_coords: bool, seed: int) -> Iterator[
         )
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m segr1.sft", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="Hugging Face model directory (policy to warm-start)")
-    p.add_argument("--data", required=True, help="dataset directory of Parquet shards (segr1 data)")
-    p.add_argument("--output", required=True, help="checkpoint root (step_N/ + latest): a path or a pyarrow.fs URI")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8, help="records per optimizer step")
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="auto: bfloat16 on a GPU, float32 on CPU")
-    p.add_argument("--deepspeed-config", default=None, help="JSON merged over the generated DeepSpeed config")
-    p.add_argument("--min-pixels", type=int, default=None, help="image bounds, as the rollouts' model.min_pixels")
-    p.add_argument("--max-pixels", type=int, default=None, help="image bounds, as the rollouts' model.max_pixels")
-    p.add_argument("--random-coords", action="store_true", help="right format, coordinates unrelated to the object")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under --output")
-    p.add_argument("--export", default=None,
-                   help="where the final policy goes as a Hugging Face directory (default: OUTPUT/export)")
-    p.add_argument("--seed", type=int, default=0)
-    return p
+ALIASES = [
+    Alias("--model", "model.path", "Hugging Face model directory (the policy to warm-start), or 'tiny'", text=True),
+    Alias("--data", "data.train", "dataset directory of Parquet shards (segr1 data)", text=True),
+    Alias("--output", "trainer.output_dir", "checkpoint root (step_N/ + latest): a path or a pyarrow.fs URI",
+          text=True),
+    Alias("--steps", "sft.steps"),
+    Alias("--batch-size", "sft.batch_size", "records per optimizer step"),
+    Alias("--lr", "sft.lr"),
+    Alias("--warmup-steps", "sft.warmup_steps"),
+    Alias("--micro-batch-size", "learner.micro_batch_size"),
+    Alias("--zero-stage", "learner.zero_stage"),
+    Alias("--dtype", "model.dtype"),
+    Alias("--deepspeed-config", "learner.deepspeed_config", "JSON merged over the generated DeepSpeed config",
+          text=True),
+    Alias("--min-pixels", "model.min_pixels", "image bounds, the rollouts' too"),
+    Alias("--max-pixels", "model.max_pixels", "see --min-pixels"),
+    Alias("--random-coords", "sft.random_coords", "right format, coordinates unrelated to the object", const=True),
+    Alias("--save-every", "sft.save_every", "also checkpoint every N steps (0: only at the end)"),
+    Alias("--resume", "trainer.resume", "continue from the latest checkpoint under --output", const=True),
+    Alias("--export", "sft.export", "where the final policy goes as a Hugging Face directory (null: OUTPUT/export)",
+          text=True),
+    Alias("--seed", "trainer.seed"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    for name in ("steps", "batch_size", "micro_batch_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    import torch
+    parser = command_parser("python -m segr1.sft", __doc__.split("\n\n")[0], ALIASES)
+    try:
+        _, config = parse_command(parser, ALIASES, argv)
+        config = replace(config, model=resolve_model(config.model))
+    except ConfigError as exc:
+        raise SystemExit(f"segr1 sft: {exc}") from None
+    if config.data.train == "synthetic":
+        raise SystemExit("segr1 sft: data.train (--data) must be a dataset directory of Parquet shards (segr1 data)")
+    return train(config)
 
+
+def train(config: Config) -> int:
+    """Supervised steps on ``config.data.train`` into ``config.trainer.output_dir``, then the export."""
     from learner import checkpoint as ckpt
     from learner.inputs import load_processor, plan_micro_batches
-    from learner.worker import LearnerSettings, LearnerWorker
+    from learner.worker import LearnerRun, LearnerWorker
     from segr1.core.grpo import LossSettings
     from segr1.data.reader import ShardReader
     from segr1.runtime.storage import Storage
     from segr1.weightsync.rendezvous import new_secret
 
-    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and torch.cuda.is_available())
-    settings = LearnerSettings(
-        model_path=args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-        zero_stage=args.zero_stage, bf16=bf16, lr=args.lr,
-        warmup_steps=args.warmup_steps, micro_batch_size=args.micro_batch_size,
-        deepspeed_config=args.deepspeed_config, loss=LossSettings(kl_coef=0.0), seed=args.seed,
-    )
-    processor = load_processor(args.model, args.min_pixels, args.max_pixels)
-    reader = ShardReader(args.data, shuffle=True, seed=args.seed, epochs=None)
+    sft, model, seed = config.sft, config.model, config.trainer.seed
+    # SFT's own step size over the learner's settings; no reference model (no KL term).
+    settings = replace(config.learner, lr=sft.lr, warmup_steps=sft.warmup_steps, lr_schedule="constant")
+    processor = load_processor(model.path, model.min_pixels, model.max_pixels)
+    reader = ShardReader(config.data.train, shuffle=True, seed=seed, epochs=None)
     if len(reader) == 0:
-        raise SystemExit(f"--data {args.data}: the dataset has no records")
-    worker = LearnerWorker(settings, rank=0, world_size=1)
+        raise SystemExit(f"data.train {config.data.train}: the dataset has no records")
+    worker = LearnerWorker(settings, LearnerRun(model, LossSettings(kl_coef=0.0), seed=seed), rank=0, world_size=1)
     secret = new_secret()  # a group of one, in this process: the store still asks for it
     worker.setup(*worker.master_address(secret), secret)
     step = 0
-    output = Storage(args.output).location
-    latest = worker.latest_checkpoint(output) if args.resume else None
+    output = Storage(config.trainer.output_dir).location
+    latest = worker.latest_checkpoint(output) if config.trainer.resume else None
     if latest is not None:
         state = worker.load_checkpoint(output, latest)
         step = int(state["step"])
         reader.load_state_dict(state["data"])
-    samples = sft_samples(iter(reader), processor, args.random_coords, args.seed)
+    samples = sft_samples(iter(reader), processor, sft.random_coords, seed)
 
     def save() -> str:
         name = ckpt.step_name(step)
@@ -189,16 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         state = {"step": step, "data": reader.state_dict(), "weight_version": 0, "sft": True}
         return worker.publish_checkpoint(output, name, state)
 
-    while step < args.steps:
-        batch = [next(samples) for _ in range(args.batch_size)]
-        metrics = worker.train_step(plan_micro_batches(batch, 1, args.micro_batch_size)[0], objective="sft")
+    while step < sft.steps:
+        batch = [next(samples) for _ in range(sft.batch_size)]
+        metrics = worker.train_step(plan_micro_batches(batch, 1, settings.micro_batch_size)[0], objective="sft")
         step += 1
         print(json.dumps({"step": step, "loss": metrics["loss"], "entropy": metrics["entropy"],
                           "grad_norm": metrics["grad_norm"], "seconds": round(metrics["seconds"], 3)}), flush=True)
-        if args.save_every and step % args.save_every == 0 and step < args.steps:
+        if sft.save_every and step % sft.save_every == 0 and step < sft.steps:
             save()
     print(json.dumps({"checkpoint": save()}), flush=True)
-    export = args.export if args.export is not None else f"{output}/export"
+    export = sft.export if sft.export is not None else f"{output}/export"
     print(json.dumps({"export": worker.export_hf(export)}), flush=True)
     worker.shutdown()
     return 0

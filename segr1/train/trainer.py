@@ -19,15 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from actors.pipeline import IssuedPrompt, Pipeline, ScoredPrompt
+from segr1.config import Config
 from segr1.core.draw import png_to_mask
 from segr1.core.grpo import group_advantages, zero_variance_groups
 from segr1.core.parser import parse_completion
 from segr1.core.schema import train_samples
 from segr1.runtime.storage import Storage, shown
-from segr1.train.config import Config
 from segr1.train.monitor import Monitor, SampleView
-from segr1.train.pipeline import Pipeline, ScoredPrompt
-from segr1.train.prompt_source import IssuedPrompt, PromptSource
+from segr1.train.prompt_source import PromptSource
 
 log = logging.getLogger("segr1")
 
@@ -178,10 +178,13 @@ class Trainer:
         return samples
 
     def _train_while_pumping(self, samples: list) -> dict[str, float]:
-        """Train in a helper thread while this one keeps scoring the next step's rollouts."""
+        """Train in a helper thread while this one keeps scoring the next step's rollouts.
+
+        Once nothing is in flight (always so in sync mode) it blocks on the learner: the pools'
+        ``poll`` returns at once when they hold no work, so pumping on would spin a core."""
         with ThreadPoolExecutor(max_workers=1) as pool:
             future = pool.submit(self.learner.train_step, samples)
-            while not future.done():
+            while not future.done() and self.pipeline.pending:
                 self._ready.extend(self.pipeline.pump(timeout=0.05))
             return dict(future.result())
 

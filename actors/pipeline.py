@@ -1,19 +1,32 @@
 """Prompts in, scored groups out: each group goes to a reward actor the moment it is generated.
 
-The driver never waits for a whole batch of rollouts before scoring starts; with several rollout
-and reward actors, generation and SAM2 decoding of different groups overlap. ``pump`` is called in a
-loop by the trainer (also while the learner trains, in async mode) and returns whatever has been
-scored since the last call.
+The one rollout-to-reward stream of the project: the trainer and the evaluation runner both drive
+it. The driver never waits for a whole batch of rollouts before scoring starts; with several
+rollout and reward actors, generation and SAM2 decoding of different groups overlap. ``pump`` is
+called in a loop (by the trainer also while the learner trains, in async mode) and returns
+whatever has been scored since the last call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from segr1.core.schema import RolloutGroup, ScoredGroup
-from segr1.train.prompt_source import IssuedPrompt
+from segr1.core.schema import PromptItem, RolloutGroup, ScoredGroup
+
+
+@dataclass(frozen=True)
+class IssuedPrompt:
+    """A prompt item plus the ground-truth mask reference the reward actor scores it against.
+
+    ``score_image``: the image SAM2 segments, when not the policy's (evaluation scores on the
+    original-size image; the reward actor maps the answer from the policy's frame to it)."""
+
+    item: PromptItem
+    mask: Any
+    score_image: Any = None
 
 
 @dataclass
@@ -30,14 +43,14 @@ class Pipeline:
     reward: Any  # ActorPool of RewardActors (method "score_group")
     sampling: Any  # the default SamplingSettings for the rollout actors
     prompts_per_call: int = 1
-    _masks: dict[str, Any] = field(default_factory=dict)
+    _issued: dict[str, IssuedPrompt] = field(default_factory=dict)
     _want_masks: set[str] = field(default_factory=set)
 
     def submit(self, prompts: list[IssuedPrompt], sampling: Any = None, with_masks: int = 0) -> None:
         """Start generating ``prompts``; the first ``with_masks`` groups return predicted masks too."""
         sampling = self.sampling if sampling is None else sampling
         for i, prompt in enumerate(prompts):
-            self._masks[prompt.item.group_id] = prompt.mask
+            self._issued[prompt.item.group_id] = prompt
             if i < with_masks:
                 self._want_masks.add(prompt.item.group_id)
         size = max(1, self.prompts_per_call)
@@ -57,9 +70,9 @@ class Pipeline:
         scored = []
         for task in self.reward.poll(timeout if not self.rollout.pending else 0.0):
             group: RolloutGroup = task.args[0]
-            mask = self._masks.pop(group.group_id)
+            issued = self._issued.pop(group.group_id)
             self._want_masks.discard(group.group_id)
-            scored.append(ScoredPrompt(ScoredGroup(group, task.result), mask))
+            scored.append(ScoredPrompt(ScoredGroup(group, task.result), issued.mask))
         return scored
 
     def collect(self, count: int) -> list[ScoredPrompt]:
@@ -70,8 +83,10 @@ class Pipeline:
         return out
 
     def _score(self, group: RolloutGroup) -> None:
-        gid = group.group_id
-        self.reward.submit("score_group", group, self._masks[gid], gid in self._want_masks)
+        issued = self._issued[group.group_id]
+        if issued.score_image is not None:
+            group = dataclasses.replace(group, item=dataclasses.replace(group.item, image=issued.score_image))
+        self.reward.submit("score_group", group, issued.mask, group.group_id in self._want_masks)
 
 
 def prompts_per_call(prompts_per_step: int, num_actors: int, max_in_flight: int) -> int:

@@ -1,20 +1,24 @@
 """Dataclass <-> YAML plumbing: strict loading, dotted overrides, saving.
 
-Kept apart from the schema in ``segr1.train.config`` so the schema reads as a plain list of settings.
+Kept apart from the schema in ``segr1.config`` so the schema reads as a plain list of settings.
 Loading is strict on purpose: an unknown key or a value of the wrong type is a typo in the user's
 YAML or command line, and silently ignoring it would run a different experiment than they asked for.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import os
 import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from segr1.core.files import write_atomic
 
 T = TypeVar("T")
 
@@ -40,8 +44,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     }
     try:
         return cls(**kwargs)
-    except ValueError as exc:  # the dataclass's own range checks
-        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+    except ValueError as exc:  # the dataclass's own range checks: "field must be ..." names the key
+        message = str(exc).removeprefix(f"{cls.__name__}: ")
+        if where and message.split(" ", 1)[0] in fields:
+            raise ConfigError(f"{where}.{message}") from exc
+        raise ConfigError(f"{where or 'config'}: {message}") from exc
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -135,17 +142,6 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return nested
 
 
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``update`` into a copy of ``base``."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
@@ -163,6 +159,53 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def write_yaml(data: dict[str, Any], path: Path) -> None:
     """Write atomically: a half-written resolved config would mislead whoever resumes the run."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False))
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A command's short flag for a config key: ``--policy DIR`` is ``--model.path DIR``.
+
+    ``text`` keeps the value a string (paths; YAML would read ``2024`` as a number); ``const``
+    makes a switch that sets the key to that value; ``convert`` maps the value first (units)."""
+
+    flag: str
+    key: str
+    help: str = ""
+    text: bool = False
+    const: Any = None
+    convert: Callable[[str], Any] | None = None
+
+
+def add_aliases(parser: argparse.ArgumentParser, aliases: list[Alias]) -> None:
+    for alias in aliases:
+        help_ = f"{alias.help} (= {alias.key})" if alias.help else f"= {alias.key}"
+        if alias.const is not None:
+            parser.add_argument(alias.flag, dest=alias.key, action="store_const", const=alias.const, default=None,
+                                help=help_)
+        else:
+            parser.add_argument(alias.flag, dest=alias.key, default=None, metavar="VALUE", help=help_)
+
+
+def alias_overrides(args: argparse.Namespace, aliases: list[Alias]) -> dict[str, Any]:
+    """The nested overrides the aliases given on the command line stand for."""
+    nested: dict[str, Any] = {}
+    for alias in aliases:
+        raw = getattr(args, alias.key)
+        if raw is None:
+            continue
+        if alias.const is not None or alias.text:
+            value = raw
+        elif alias.convert is not None:
+            try:
+                value = alias.convert(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{alias.flag} {raw!r}: {exc}") from None
+        else:
+            value = yaml.safe_load(raw)
+        *parents, leaf = alias.key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
