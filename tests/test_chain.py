@@ -41,6 +41,7 @@ def stage_config(preset: str):
         "--model.path", model, "--data.task", stage.data.task, "--trainer.output_dir", stage.trainer.output_dir,
         "--trainer.steps", "2", "--trainer.eval_every", "0", "--trainer.checkpoint_every", "0",
         "--grpo.entropy_coef", "0.5", "--learner.lr", "1e-3",  # every step moves the weights
+        "--rollout.max_tokens", "48",  # the random policy's answers never end: keep them short
     ])
 
 

@@ -16,7 +16,7 @@ def test_every_preset_loads_and_validates(preset):
 
 def test_tiny_is_cpu_sized_and_paper_presets_keep_paper_settings():
     tiny = load_config("tiny")
-    assert (tiny.model.path, tiny.sam2.checkpoint, tiny.data.train) == ("tiny", "tiny", "synthetic")
+    assert (tiny.model.path, tiny.sam2.checkpoint, tiny.data.train) == ("tiny-warm", "tiny", "synthetic")
     cod = load_config("cod")
     assert (cod.rollout.group_size, cod.rollout.temperature, cod.learner.lr) == (4, 1.0, 1e-6)
     assert (cod.grpo.kl_coef, cod.grpo.kl_estimator, cod.rollout.max_tokens) == (0.04, "k3", 400)
@@ -50,7 +50,8 @@ def test_overrides_in_all_three_spellings_with_yaml_typed_values():
         (["--trainer.epochs", "0"], "trainer.epochs must be >= 1 or null"),
         (["--learner.lr_schedule", "linear"], "learner.lr_schedule: 'linear' is not one of"),
         (["--learner.min_lr_ratio", "2"], r"learner.min_lr_ratio must be in \[0, 1\]"),
-        (["--learner.lr_schedule", "cosine", "--learner.warmup_steps", "4"], "'cosine' needs more optimizer steps"),
+        (["--learner.lr_schedule", "cosine", "--learner.warmup_steps", "4", "--trainer.steps", "4"],
+         "'cosine' needs more optimizer steps"),
         # the behaviour log-probs are vLLM's raw ones: the ratio and KL hold only for plain sampling
         (["--rollout.temperature", "0.7"], r"rollout.temperature must be 1.0 for GRPO training, got 0.7: .*raw log-probs"),
         (["--rollout.top_p", "0.9"], r"rollout.top_p must be 1.0 for GRPO training, got 0.9: .*importance ratio and the KL"),

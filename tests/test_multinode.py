@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
 TINY_JOB = ["python", "-m", "segr1.run", "--trainer.eval_every", "0", "--trainer.checkpoint_every", "1",
-            "--rollout.num_cpus_per_actor", "0.5", "--reward.num_cpus_per_actor", "0.5"]
+            "--rollout.num_cpus_per_actor", "0.5", "--reward.num_cpus_per_actor", "0.5",
+            "--model.path", "tiny", "--rollout.max_tokens", "48"]  # plumbing, not learning: the random policy
 
 
 @pytest.fixture(scope="module")

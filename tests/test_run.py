@@ -27,13 +27,19 @@ from segr1.weightsync.rendezvous import RendezvousRefused, RendezvousStore
 
 pytestmark = pytest.mark.slow
 
-# Entropy regularisation gives every step a non-zero gradient even though a random tiny policy
-# never earns a reward: that is what makes "the engines hold the learner's weights" a real check.
+# Entropy regularisation gives every step a non-zero gradient whatever the rewards of its groups:
+# that is what makes "the engines hold the learner's weights" a real check.
 MOVING = ["--grpo.entropy_coef", "0.5", "--learner.lr", "1e-3"]
 
 
+# These tests check the job's plumbing, not learning (tests/test_learning.py does): the random tiny
+# policy with the old 48-token answers keeps each step as short as it can be.
+RANDOM_POLICY = ["--model.path", "tiny", "--rollout.max_tokens", "48"]
+
+
 def tiny_config(out_dir: Path, *overrides: str):
-    return load_config("tiny", ["--trainer.output_dir", str(out_dir), "--trainer.eval_every", "0", *overrides])
+    return load_config("tiny", ["--trainer.output_dir", str(out_dir), "--trainer.eval_every", "0", *RANDOM_POLICY,
+                                *overrides])
 
 
 def metric_lines(out_dir: Path) -> list[dict]:
@@ -44,7 +50,8 @@ def metric_lines(out_dir: Path) -> list[dict]:
 def test_sync_job_trains_and_engines_hold_the_learners_weights(ray_cluster, tmp_path):
     """Also: while it trains, none of its processes listens beyond loopback, and a client without
     the job's secret is refused by both rendezvous stores while the job goes on."""
-    config = tiny_config(tmp_path, "--trainer.steps", "2", "--trainer.eval_every", "2", *MOVING)
+    config = tiny_config(tmp_path, "--trainer.steps", "2", "--trainer.eval_every", "2", "--trainer.sample_every", "2",
+                         *MOVING)
     job = build_job(config, tmp_path)
     try:
         digest_before = job.learner.weights_digest()
@@ -211,7 +218,7 @@ def head():
 def test_ray_job_submit_stop_and_resume(head, tmp_path):
     out = tmp_path / "run"
     args = ["--trainer.output_dir", str(out), "--trainer.steps", "40", "--trainer.checkpoint_every", "100",
-            "--trainer.eval_every", "0"]
+            "--trainer.eval_every", "0", *RANDOM_POLICY]
     job_id = "segr1-run-test"
     runtime_env = str(REPO / "cluster" / "runtime_env.yaml")  # gives the driver time to checkpoint on stop
     submitted = head.job_cli(["submit", "--no-wait", "--submission-id", job_id, "--runtime-env", runtime_env,

@@ -219,13 +219,14 @@ def parse_command(
 
 
 def resolve_model(model: ModelSettings) -> ModelSettings:
-    """The policy as every node loads it: ``tiny`` built (once, cached by content), a local
+    """The policy as every node loads it: ``tiny`` or ``tiny-warm`` built (once, cached by content), a local
     directory made absolute (the previous stage's ``runs/cod/export`` names the same folder on
     every node), or a hub id as given."""
-    if model.path == "tiny":
+    if model.path in ("tiny", "tiny-warm"):
         from segr1.testing import tiny
 
-        return replace(model, path=str(tiny.build_qwen(seed=model.seed)))
+        build = tiny.build_qwen if model.path == "tiny" else tiny.build_warm_qwen
+        return replace(model, path=str(build(seed=model.seed)))
     path = Path(model.path).expanduser()
     if not path.exists():
         return model

@@ -12,8 +12,9 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """``path``: a Hugging Face directory, a hub id, or ``tiny`` (the tiny random Qwen2.5-VL that
-    ``segr1.testing.tiny`` builds with ``seed``). ``min_pixels``/``max_pixels`` bound the image as
+    """``path``: a Hugging Face directory, a hub id, ``tiny`` (the tiny random Qwen2.5-VL that
+    ``segr1.testing.tiny`` builds with ``seed``) or ``tiny-warm`` (that policy after a short
+    format-teaching SFT, built once the same way). ``min_pixels``/``max_pixels`` bound the image as
     the processor resizes it (null keeps the checkpoint's own); the policy answers in that frame."""
 
     path: str = "tiny"
