@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from actors.vllm_worker import quiet_known_vllm_noise
+from segr1.core.frames import processor_bounds, processor_size
 from segr1.core.policy import ModelSettings
-from segr1.core.prompts import pixel_bounds
 from segr1.core.schema import Completion, PromptItem, RolloutGroup, rgb_image
 from segr1.runtime.ray_cluster import node_ip
 from segr1.weightsync.weight_sync import BucketPlan
@@ -154,6 +155,7 @@ class RolloutActor:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
+        quiet_known_vllm_noise()  # before the engine starts: in-process, its worker logs here
         self.llm = LLM(**self._engine_kwargs())
         self._tokenizer = self.llm.get_tokenizer()
         hf_config = self.llm.llm_engine.model_config.hf_config
@@ -165,7 +167,9 @@ class RolloutActor:
 
     def _engine_kwargs(self) -> dict[str, Any]:
         s, tp = self.settings, self.tensor_parallel_size
-        mm_kwargs = pixel_bounds(self.model.min_pixels, self.model.max_pixels)
+        # The image bounds as the processor's `size`, as the learner loads its processor: as
+        # min_pixels/max_pixels they would reach every HF processor call, which warns at each.
+        size = processor_size(self.model.min_pixels, self.model.max_pixels, checkpoint=self._checkpoint_bounds)
         kwargs: dict[str, Any] = dict(
             model=self.model.path,
             dtype=self.model.dtype,
@@ -174,7 +178,7 @@ class RolloutActor:
             seed=self.seed,
             enforce_eager=s.enforce_eager,
             limit_mm_per_prompt={"image": 1, "video": 0},
-            mm_processor_kwargs=mm_kwargs or None,
+            mm_processor_kwargs={"size": size} if size else None,
             worker_extension_cls=WORKER_EXTENSION,
         )
         if self._on_gpu:
@@ -188,6 +192,11 @@ class RolloutActor:
                 raise ValueError("tensor_parallel_size > 1 needs GPUs; the CPU engine runs one worker")
             kwargs["kv_cache_memory_bytes"] = s.kv_cache_memory_bytes
         return kwargs
+
+    def _checkpoint_bounds(self) -> Any:
+        from transformers import AutoImageProcessor
+
+        return processor_bounds(AutoImageProcessor.from_pretrained(self.model.path))
 
     # ------------------------------------------------------------------ identity and state
 

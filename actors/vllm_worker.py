@@ -14,7 +14,53 @@ clash with the worker's own.
 
 from __future__ import annotations
 
+import logging
+
 from segr1.weightsync.weight_sync import BucketPlan, WeightGroup, drain, join_group, receive_buckets
+
+# Layers whose only tensors are buffers vLLM computes itself (rotary cos/sin caches, the image
+# normalisation of the fused multimodal input): no checkpoint and no weight sync carries them, so
+# vLLM's layer-wise reloader reports each as "Failed to load weights" at every reload, although it
+# puts the computed buffers back. A layer with real weights that failed still reports.
+COMPUTED_BUFFER_LAYERS = frozenset({"RotaryEmbedding", "MRotaryEmbedding", "FusedMMInputNorm"})
+_SET_NUM_THREADS = "CPU backend doesn't allow to use `torch.set_num_threads`"
+
+
+class _KnownVllmNoise(logging.Filter):
+    """Drops two vLLM warnings that come from vLLM's own code and say nothing about this job.
+
+    - vLLM's CPU worker replaces ``torch.set_num_threads`` process-wide with a function that only
+      warns; with the engine in-process (the CPU setup) vLLM's own input renderer then calls it
+      twice per image prompt. The first is kept (it does say the call is ignored), the rest dropped.
+    - The reloader's "Failed to load weights" for ``COMPUTED_BUFFER_LAYERS`` (see there).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen_set_num_threads = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(_SET_NUM_THREADS):
+            seen, self._seen_set_num_threads = self._seen_set_num_threads, True
+            return not seen
+        if record.msg == "%s: Failed to load weights" and isinstance(record.args, tuple) and record.args:
+            return record.args[0] not in COMPUTED_BUFFER_LAYERS
+        return True
+
+
+_NOISY_LOGGERS = ("vllm.v1.worker.cpu_worker", "vllm.model_executor.model_loader.reload.layerwise")
+
+
+def quiet_known_vllm_noise() -> None:
+    """Install ``_KnownVllmNoise`` on the two vLLM loggers of this process (once).
+
+    Called by the rollout actor (an in-process engine runs its worker there) and by each engine
+    worker when it joins the weight group (a multiprocess engine's workers are other processes).
+    """
+    for name in _NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _KnownVllmNoise) for f in logger.filters):
+            logger.addFilter(_KnownVllmNoise())
 
 
 class WeightSyncWorkerExtension:
@@ -38,6 +84,7 @@ class WeightSyncWorkerExtension:
         ``secret`` is the job's, proven to the group's store; it arrives as an argument of this
         call only, never through the environment.
         """
+        quiet_known_vllm_noise()  # this worker's process, before its first reload
         self._segr1_group = None  # drop the previous group before building the next one
         rank = rank_offset + self.rank  # type: ignore[attr-defined]
         self._segr1_group = join_group(

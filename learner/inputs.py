@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segr1.core.prompts import pixel_bounds
+from segr1.core.frames import processor_bounds, processor_size
 from segr1.core.schema import TrainSample, prompt_digest, rgb_image
 
 
@@ -73,9 +73,11 @@ def load_processor(model_path: str, min_pixels: int | None = None, max_pixels: i
     resized to another grid, expand into another number of ``<|image_pad|>`` tokens, and the
     learner would score tokens the engine never saw. None keeps the checkpoint's own bound.
     """
-    from transformers import AutoProcessor
+    from transformers import AutoImageProcessor, AutoProcessor
 
-    return AutoProcessor.from_pretrained(model_path, **pixel_bounds(min_pixels, max_pixels))
+    size = processor_size(min_pixels, max_pixels,
+                          checkpoint=lambda: processor_bounds(AutoImageProcessor.from_pretrained(model_path)))
+    return AutoProcessor.from_pretrained(model_path, **({"size": size} if size else {}))
 
 
 def resolve_image(image: Any, group_id: str) -> np.ndarray:

@@ -9,6 +9,7 @@ stored image's frame looked right there; these sizes are where it is 1.6 % (768 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from actors.reward import RewardActor, RewardSettings
 from learner.inputs import load_processor, process_prompt
-from segr1.core.frames import PixelBounds, policy_frame, processor_bounds, to_policy_frame
+from segr1.core.frames import PixelBounds, policy_frame, processor_bounds, processor_size, to_policy_frame
 from segr1.core.metrics import intersection_union
 from segr1.core.prompts import answer_text
 from segr1.core.schema import Completion, PromptItem, RolloutGroup
@@ -58,6 +59,38 @@ def test_the_processor_resizes_to_the_frame(tiny_qwen_dir, side, bounds, seen):
     inputs = process_prompt(processor, "<|vision_start|><|image_pad|><|vision_end|>", image, "g")
     _, grid_h, grid_w = inputs.image_grid_thw.reshape(-1).tolist()
     assert (grid_w * 14, grid_h * 14) == frame
+
+
+def test_processor_size_holds_both_bounds_and_reads_the_checkpoint_only_for_a_missing_one():
+    def checkpoint():
+        read.append(True)
+        return PixelBounds(3136, 50176)
+
+    read: list[bool] = []
+    assert processor_size(None, None, checkpoint) is None
+    assert processor_size(3136, 12544, checkpoint) == {"shortest_edge": 3136, "longest_edge": 12544}
+    assert read == []
+    assert processor_size(None, 12544, checkpoint) == {"shortest_edge": 3136, "longest_edge": 12544}
+    assert processor_size(6272, None, checkpoint) == {"shortest_edge": 6272, "longest_edge": 50176}
+    with pytest.raises(ValueError, match=r"0 < min_pixels <= max_pixels, got 100000, 50176"):
+        processor_size(100_000, None, checkpoint)
+
+
+@pytest.mark.parametrize("bounds", [(3136, 12544), (None, 12544), (None, None)])
+def test_the_processor_loaded_with_bounds_warns_nothing_when_it_runs(tiny_qwen_dir, bounds):
+    """The bounds go in as ``size``: passed as min_pixels/max_pixels they reached every processor
+    call, and transformers 5 warned (FutureWarning) at each one of every step."""
+    processor = load_processor(str(tiny_qwen_dir), *bounds)
+    image = np.zeros((768, 768, 3), np.uint8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inputs = process_prompt(processor, "<|vision_start|><|image_pad|><|vision_end|>", image, "g")
+    assert [str(w.message) for w in caught] == []
+    own = processor_bounds(load_processor(str(tiny_qwen_dir)))
+    low, high = (own.min_pixels if bounds[0] is None else bounds[0]), (own.max_pixels if bounds[1] is None else bounds[1])
+    assert processor_bounds(processor) == PixelBounds(low, high)
+    _, grid_h, grid_w = inputs.image_grid_thw.reshape(-1).tolist()
+    assert (grid_w * 14, grid_h * 14) == PixelBounds(low, high).frame((768, 768))
 
 
 def _record(side: int, box: tuple[int, int, int, int]) -> Record:

@@ -16,6 +16,7 @@ transformers' ``image_processing_qwen2_vl``), cross-checked against it in the te
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,30 @@ def processor_bounds(processor: Any) -> PixelBounds:
         raise ValueError(f"{type(image_processor).__name__}: no min/max pixel bounds in its size {size}")
     factor = int(image_processor.patch_size) * int(image_processor.merge_size)
     return PixelBounds(int(low), int(high), factor)
+
+
+def processor_size(
+    min_pixels: int | None, max_pixels: int | None, checkpoint: Callable[[], PixelBounds]
+) -> dict[str, int] | None:
+    """The Qwen2.5-VL processor's ``size`` for these image-area bounds; None when neither is set
+    (the checkpoint's own apply).
+
+    The rollout engines (in vLLM's ``mm_processor_kwargs``) and the learner (loading its processor)
+    take the same ``size``, so both resize an image to the same grid and expand it into the same
+    image tokens. ``size`` and not ``min_pixels``/``max_pixels``: transformers 5 keeps those as
+    deprecated aliases and warns at every processor call that carries them. A ``size`` must hold
+    both bounds, so where only one is set ``checkpoint()`` (the checkpoint's processor bounds, read
+    only then) gives the other, as the aliases did.
+    """
+    if min_pixels is None and max_pixels is None:
+        return None
+    if min_pixels is None or max_pixels is None:
+        own = checkpoint()
+        min_pixels = own.min_pixels if min_pixels is None else min_pixels
+        max_pixels = own.max_pixels if max_pixels is None else max_pixels
+    if not 0 < min_pixels <= max_pixels:
+        raise ValueError(f"pixel bounds need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+    return {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}
 
 
 def to_policy_frame(

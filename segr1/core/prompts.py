@@ -111,15 +111,6 @@ def build_messages(task: str, expression: str | None = None) -> list[dict[str, A
     ]
 
 
-def pixel_bounds(min_pixels: int | None, max_pixels: int | None) -> dict[str, int]:
-    """Qwen2.5-VL processor keyword arguments for the image-size bounds that are set.
-
-    The rollout engines (as vLLM's ``mm_processor_kwargs``) and the learner's processor take the
-    same dict, so both resize an image to the same grid and expand it into the same image tokens.
-    """
-    return {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-
-
 def render_prompt(processor: Any, messages: list[dict[str, Any]]) -> str:
     """Render ``messages`` with the processor's chat template, ready for generation."""
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
