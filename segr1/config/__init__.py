@@ -151,6 +151,46 @@ class SftSettings:
             raise ValueError("lr must be > 0, warmup_steps and save_every >= 0")
 
 
+@dataclass(frozen=True)
+class WandbSettings:
+    """A Weights & Biases run per job (``monitor.wandb``): the config at start, then each step's
+    scalars as TensorBoard gets them. ``mode: offline`` writes the run under ``dir`` only (sync it
+    later with ``wandb sync``); online needs ``WANDB_API_KEY`` or ``wandb login``."""
+
+    project: str = "segr1"
+    entity: str | None = None
+    name: str | None = None  # the run's name (null: W&B picks one)
+    mode: Literal["online", "offline", "disabled"] = "online"
+    dir: str | None = None  # where wandb keeps its files (null: the run's local folder, <run>/wandb)
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    """An MLflow run per job (``monitor.mlflow``): the config as parameters at start, then each
+    step's scalars as metrics. ``tracking_uri`` null takes ``MLFLOW_TRACKING_URI``; a tracking
+    server (``http://...``) works with the ``tracking`` extra (mlflow-skinny). A local
+    ``file:`` store needs ``MLFLOW_ALLOW_FILE_STORE=true`` since MLflow 3.7 keeps it in
+    maintenance mode; a ``sqlite:`` store needs the full ``mlflow`` package."""
+
+    tracking_uri: str | None = None
+    experiment: str = "segr1"
+    run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """What the job shows and where its figures go (``segr1.train.monitor.Monitor`` takes it).
+
+    ``verbose`` prints every process's output on the console (vLLM, DeepSpeed, Ray); otherwise
+    the console holds segr1's progress bar, step lines and errors, and the rest is in
+    ``<run>/logs/``. ``wandb`` and ``mlflow`` (null: off) track the run beyond TensorBoard."""
+
+    verbose: bool = False
+    wandb: WandbSettings | None = None
+    mlflow: MlflowSettings | None = None
+
+
 @dataclass
 class Config:
     """Every section is the settings object of the role that takes it, passed on unchanged."""
@@ -166,6 +206,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     sft: SftSettings = field(default_factory=SftSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
 
 def preset_path(name: str) -> Path:
