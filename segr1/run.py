@@ -14,7 +14,11 @@ from segr1.config import Config, command_parser, parse_command
 from segr1.config.tools import Alias, ConfigError
 from segr1.runtime.storage import StorageError
 
-ALIASES = [Alias("--resume", "trainer.resume", "continue from the latest checkpoint", const=True)]
+ALIASES = [
+    Alias("--resume", "trainer.resume", "continue from the latest checkpoint", const=True),
+    Alias("--verbose", "monitor.verbose", "print the roles' output (vLLM, DeepSpeed, Ray) here too, not only in "
+          "<output_dir>/logs", const=True),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +43,15 @@ def train(config: Config) -> dict[str, float]:
     from segr1.train.job import build_job
 
     job = build_job(config, config.trainer.output_dir)
+    failed = True
     try:
         if config.trainer.resume:
             job.trainer.resume()
-        return job.trainer.fit()
+        last = job.trainer.fit()
+        failed = False
+        return last
     finally:
-        job.shutdown()
+        job.shutdown(failed=failed)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ def test_a_run_on_s3_checkpoints_exports_and_resumes_there(ray_cluster, s3_uri):
     train = [json.loads(line) for line in run.read_text("metrics.jsonl").splitlines()]
     assert [line["step"] for line in train if "reward" in line] == [1, 2, 3]
     assert run.exists("tensorboard") and "output_dir: s3://" in run.read_text("config.yaml")
+    assert run.exists("reward_curve.png") and run.exists("logs/driver.log")  # uploaded with the other logs
 
 
 def test_async_job_survives_a_killed_reward_actor(ray_cluster, tmp_path):
@@ -246,3 +247,25 @@ def test_ray_job_submit_stop_and_resume(head, tmp_path):
     steps = [line["step"] for line in metric_lines(out) if "reward" in line]
     assert steps[-1] == done + 1
     assert steps.count(done + 1) == 1
+    check_console(resumed.stdout + resumed.stderr, out)
+
+
+# What the roles print that the console must not show (it goes to <run>/logs): vLLM's engine
+# arguments, DeepSpeed's accelerator note, and what used to repeat: the processor's deprecated
+# min/max_pixels warning, vLLM's set_num_threads warning and its reload's "Failed to load weights".
+CHATTER = ("non-default args", "Setting accelerator to CPU", "set_num_threads", "Failed to load weights",
+           "Passing `min_pixels` and `max_pixels`")
+
+
+def check_console(console: str, out: Path) -> None:
+    """segr1's lines and the run's summary on the console; the roles' output in files under logs/."""
+    assert "run summary:" in console and "reward:" in console and str(out / "export") in console
+    shown = [text for text in CHATTER if text in console]
+    assert shown == [], console[-4000:]
+    logs = {path.name: path.read_text() for path in (out / "logs").glob("*.log")}
+    rollout = [text for name, text in logs.items() if name.startswith("RolloutActor-")]
+    assert rollout and all("non-default args" in text for text in rollout), sorted(logs)
+    assert any(name.startswith("LearnerWorker-") and "Setting accelerator to CPU" in text for name, text in logs.items())
+    assert all(text.count("set_num_threads") <= 1 for text in rollout)  # vLLM's repeats are dropped at the source
+    assert not any("Failed to load weights" in text or "Passing `min_pixels`" in text for text in logs.values())
+    assert "resumed at step" in logs["driver.log"] and (out / "reward_curve.png").is_file()

@@ -96,16 +96,19 @@ class Storage:
             raise StorageError(f"{shown(self.location)}: cannot read {name}: {exc}") from exc
 
     def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
         """Write ``name`` whole: a temporary sibling first, then moved over it."""
         final = self.path(name)
         parent = final.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         if self.is_local:
-            write_atomic(final, text)
+            write_atomic(final, data)
             return
         tmp = f"{parent}/.{final.rsplit('/', 1)[1]}.{secrets.token_hex(4)}.tmp"
         with self.fs.open_output_stream(tmp) as stream:
-            stream.write(text.encode())
+            stream.write(data)
         self.fs.move(tmp, final)  # object stores: a whole-object copy, never a partial one
 
     def delete(self, name: str) -> None:

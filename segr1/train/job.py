@@ -7,6 +7,7 @@ imports ``actors`` and ``learner``; the import-linter contracts in ``pyproject.t
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import ray
 
-from actors.pipeline import Pipeline, prompts_per_call
+from actors.pipeline import IssuedPrompt, Pipeline, prompts_per_call
 from actors.reward import make_reward_pool
 from actors.rollout import RolloutPool
 from learner.group import LearnerGroup
@@ -25,6 +26,7 @@ from segr1.config.tools import write_yaml
 from segr1.data import ShardReader, read_manifest, write_synth
 from segr1.runtime.ray_cluster import RoleRequest, connect, place_roles
 from segr1.runtime.storage import Storage, StorageError
+from segr1.train.console import Console
 from segr1.train.monitor import Monitor
 from segr1.train.prompt_source import PromptSource
 from segr1.train.trainer import LOG_NAMES, Trainer
@@ -43,15 +45,20 @@ class Job:
     monitor: Any
     placements: list[Any]
     owns_cluster: bool
+    console: Any = None  # Console: routes the roles' output to <run>/logs until the end
 
-    def shutdown(self) -> None:
-        self.monitor.close()
+    def shutdown(self, failed: bool = False) -> None:
+        """Stop everything the run started; ``failed``: it ended with an error (the trackers' runs
+        are marked so)."""
+        self.monitor.close(failed=failed)
         for role in (self.rollout, self.reward, self.learner):
             role.shutdown()
         for placement in self.placements:
             placement.remove()
         if self.owns_cluster:
             ray.shutdown()
+        if self.console is not None:  # last: the roles' final lines still go to their files
+            self.console.close()
 
 
 class WeightSync:
@@ -153,12 +160,40 @@ def run_dir(storage: Storage, resume: bool) -> Path:
 
 def build_job(config: Config, output_dir: str | Path) -> Job:
     """Start every role of the run whose checkpoints and export go under ``output_dir`` (a path,
-    made absolute here, or a pyarrow.fs URI); the learner proves it reaches it before training."""
+    made absolute here, or a pyarrow.fs URI); the learner proves it reaches it before training.
+
+    From here on the console shows segr1's lines and the roles' output goes to ``<run>/logs``
+    (``Console``; on a URI, in the driver's local copy, uploaded with its other logs)."""
+    started = time.monotonic()
     storage = Storage(output_dir)
     config = replace(config, model=resolve_model(config.model), trainer=replace(config.trainer, output_dir=storage.location))
     out_dir = run_dir(storage, config.trainer.resume)
     write_yaml(config_dict(config), out_dir / "config.yaml")  # what this run really used
-    info = connect(config.ray.address, config.ray.num_cpus, config.ray.dashboard_host, config.ray.dashboard_port)
+    console = Console(out_dir / "logs", verbose=config.monitor.verbose)
+    try:
+        info = connect(config.ray.address, config.ray.num_cpus, config.ray.dashboard_host, config.ray.dashboard_port)
+        if console.follow_workers() and not config.monitor.verbose:
+            log.info("the roles' output (vLLM, DeepSpeed, SAM2, Ray) goes to %s; --verbose prints it here too",
+                     console.logs_dir)
+        config, source, eval_prompts = _prompts(config, out_dir)
+        # Before the roles start: a tracker that refuses its settings stops the job in seconds.
+        monitor = Monitor(out_dir, config.trainer.steps, settings=config.monitor, config=config_dict(config))
+    except BaseException:
+        console.close()
+        raise
+    try:
+        trainer, roles = _start_roles(config, storage, info.num_gpus > 0, source, eval_prompts, monitor, started)
+    except BaseException:
+        monitor.close(failed=True)
+        console.close()
+        raise
+    rollout, reward, learner, placements = roles
+    return Job(trainer, rollout, reward, learner, monitor, placements, info.started_locally, console)
+
+
+def _prompts(config: Config, out_dir: Path) -> tuple[Config, PromptSource, list[IssuedPrompt]]:
+    """The training prompt source and the held-out prompts; ``config`` with the run's real length
+    (``trainer.epochs`` may end it before ``trainer.steps``)."""
     # The engines' and the learner's bounds: the prompts' answer frame is computed with them.
     processor = load_processor(config.model.path, config.model.min_pixels, config.model.max_pixels)
     train_dir = dataset_dir(config, out_dir, "train")
@@ -176,8 +211,15 @@ def build_job(config: Config, output_dir: str | Path) -> Job:
         eval_prompts = PromptSource(eval_reader, processor, config.data.task, put=ray.put, prefix="eval").next(
             len(eval_reader)
         )
+    return config, source, eval_prompts
 
-    use_gpus = info.num_gpus > 0
+
+def _start_roles(
+    config: Config, storage: Storage, use_gpus: bool, source: PromptSource, eval_prompts: list[IssuedPrompt],
+    monitor: Monitor, started: float,
+) -> tuple[Trainer, tuple[Any, Any, Any, list[Any]]]:
+    """The learner, rollout and reward roles in their placement groups, and the trainer over them;
+    returns the trainer and (rollout, reward, learner, placements)."""
     placements = place_roles(role_requests(config, use_gpus))
     run = LearnerRun(config.model, config.grpo, seed=config.trainer.seed,
                      decay_steps=config.trainer.steps * config.learner.iterations_per_batch)  # the run's optimizer steps
@@ -197,7 +239,6 @@ def build_job(config: Config, output_dir: str | Path) -> Job:
         prompts_per_call(config.trainer.prompts_per_step, config.rollout.num_actors,
                          config.rollout.max_in_flight_per_actor),
     )
-    monitor = Monitor(out_dir, config.trainer.steps)
     trainer = Trainer(config, pipeline, learner, weights, source, eval_prompts, monitor, storage.location,
-                      fetch=ray.get)
-    return Job(trainer, rollout, reward, learner, monitor, list(placements.values()), info.started_locally)
+                      fetch=ray.get, started=started)
+    return trainer, (rollout, reward, learner, list(placements.values()))

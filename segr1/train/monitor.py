@@ -1,5 +1,6 @@
 """What a running job shows: one log line and a progress bar per step, JSONL and TensorBoard logs,
-Ray metrics for the dashboard, and sample pictures every few steps."""
+Ray metrics for the dashboard, W&B and MLflow runs when configured, and sample pictures every few
+steps."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from segr1.config import MonitorSettings
 from segr1.core.draw import panel
 from segr1.core.files import move_into_place, write_atomic
+from segr1.train.tracking import Tracker, open_trackers
 
 log = logging.getLogger("segr1")
 
@@ -39,18 +42,39 @@ class SampleView:
 
 
 class Monitor:
-    def __init__(self, out_dir: Path, total_steps: int, ray_metrics: bool = True) -> None:
+    """The run's figures under ``out_dir`` (metrics.jsonl, tensorboard/, samples/), the console's
+    progress bar, and the trackers ``settings`` turns on, started with ``config`` (the job's)."""
+
+    def __init__(
+        self, out_dir: Path, total_steps: int, ray_metrics: bool = True,
+        settings: MonitorSettings = MonitorSettings(), config: dict[str, Any] | None = None,
+    ) -> None:
         self.out_dir = out_dir
+        self.total_steps = total_steps
         out_dir.mkdir(parents=True, exist_ok=True)
+        self._trackers: list[Tracker] = open_trackers(settings, out_dir, config or {})  # first: may refuse
         self._jsonl = open(self._jsonl_path, "a", buffering=1)
         self._tb = _tensorboard(out_dir / "tensorboard")
         self._gauges: dict[str, Any] = {}
         self._ray_metrics = ray_metrics
-        self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+        self._progress: Any = None
 
     @property
     def _jsonl_path(self) -> Path:
         return self.out_dir / "metrics.jsonl"
+
+    def start(self, step: int = 0) -> None:
+        """Draw the progress bar from ``step`` on: when training starts, not through the roles'
+        start-up. Only on a terminal: in a log file (``ray job logs``) the step lines say it all,
+        and a bar redrawn with carriage returns is one endless line there."""
+        if self._progress is None:
+            self._progress = tqdm(total=self.total_steps, initial=step, desc="train", unit="step",
+                                  dynamic_ncols=True, disable=None)
+
+    @property
+    def _bar(self) -> Any:
+        self.start()
+        return self._progress
 
     def resume_at(self, step: int) -> None:
         """Continue the logs of a run resumed from its step ``step`` checkpoint.
@@ -68,17 +92,21 @@ class Monitor:
         if self._tb is not None:
             self._tb.close()
             self._tb = _tensorboard(self.out_dir / "tensorboard", purge_step=step + 1)
-        self._bar.n = step
-        self._bar.refresh()
+        if self._progress is not None:
+            self._progress.n = step
+            self._progress.refresh()
 
     def log_step(self, step: int, metrics: dict[str, float], advance: bool = True) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
-        for name, value in record.items():
-            if isinstance(value, (int, float)) and name != "step":
-                if self._tb is not None:
-                    self._tb.add_scalar(name, value, step)
-                self._gauge(name, float(value))
+        scalars = {name: float(value) for name, value in record.items()
+                   if isinstance(value, (int, float)) and name != "step"}
+        for name, value in scalars.items():
+            if self._tb is not None:
+                self._tb.add_scalar(name, value, step)
+            self._gauge(name, value)
+        for tracker in self._trackers:
+            tracker.log(step, scalars)
         if advance:
             self._bar.update(1)
         self._bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "kl") if k in metrics})
@@ -106,11 +134,20 @@ class Monitor:
         if self._tb is not None:
             self._tb.flush()
 
-    def close(self) -> None:
-        self._bar.close()
+    def close_bar(self) -> None:
+        """The bar's last state printed and put away, so lines after it (the summary) stand alone."""
+        if self._progress is not None:
+            self._progress.close()
+
+    def close(self, failed: bool = False) -> None:
+        """Close the files and end the trackers' runs (``failed``: the job ended with an error)."""
+        self.close_bar()
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            tracker.close(failed)
 
     def _gauge(self, name: str, value: float) -> None:
         if not self._ray_metrics:

@@ -28,11 +28,13 @@ from segr1.core.schema import train_samples
 from segr1.runtime.storage import Storage, shown
 from segr1.train.monitor import Monitor, SampleView
 from segr1.train.prompt_source import PromptSource
+from segr1.train.summary import draw_reward_curve, read_metrics, run_summary
 
 log = logging.getLogger("segr1")
 
 # The driver's files of a run; on a URI output_dir they are uploaded beside the checkpoints.
-LOG_NAMES = ("config.yaml", "metrics.jsonl", "tensorboard", "samples")
+CURVE = "reward_curve.png"
+LOG_NAMES = ("config.yaml", "metrics.jsonl", "tensorboard", "samples", "logs", CURVE)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Trainer:
         monitor: Monitor,
         output_dir: str | Path,  # the run's location: checkpoints/ and export/ go under it
         fetch: Any,  # ray.get in a job: reads an image or mask ref for sample pictures
+        started: float | None = None,  # time.monotonic() when the job began (None: now)
     ) -> None:
         self.cfg = config
         self.pipeline = pipeline
@@ -70,6 +73,9 @@ class Trainer:
         self.step = 0
         self._ready: list[ScoredPrompt] = []
         self._stop = False
+        self._started = time.monotonic() if started is None else started
+        self._resumed_from: int | None = None
+        self._last_checkpoint: str | None = None
 
     @property
     def version(self) -> int:
@@ -82,6 +88,7 @@ class Trainer:
         self._install_stop_handlers()
         trainer = self.cfg.trainer
         last: dict[str, float] = {}
+        self.monitor.start(self.step)
         if trainer.mode == "async":
             self._submit(self.step)
         while self.step < trainer.steps and not self._stop:
@@ -96,8 +103,42 @@ class Trainer:
         if not self._due(trainer.checkpoint_every):  # else this step's checkpoint is already written
             self.save_checkpoint()
         self.export()
-        self._upload_logs()  # the last step's records may follow its checkpoint
+        self._finish()
         return last
+
+    def _finish(self) -> None:
+        """The reward curve, the last logs uploaded (the last step's records may follow its
+        checkpoint), and the summary on the console."""
+        self.monitor.flush()
+        records = read_metrics(self.monitor.out_dir / "metrics.jsonl")
+        draw_reward_curve(records, self.monitor.out_dir / CURVE)
+        self._upload_logs()
+        self.monitor.close_bar()
+        log.info("%s", run_summary(records, self.step, self.cfg.trainer.steps, time.monotonic() - self._started,
+                                   self._places(), self._resumed_from))
+
+    def _places(self) -> dict[str, str]:
+        """Where the run's outputs are: the driver's files (on a URI, uploaded beside the
+        checkpoints) and the latest checkpoint and the export."""
+        local = self.monitor.out_dir
+
+        def where(name: str) -> str:
+            return str(local / name) if self.storage.is_local else shown(self.storage.child(name).location)
+
+        places = {"metrics": where("metrics.jsonl")}
+        if (local / "tensorboard").is_dir():
+            places["tensorboard"] = f"{where('tensorboard')}  (tensorboard --logdir {where('tensorboard')})"
+        if (local / "samples").is_dir():
+            places["samples"] = where("samples")
+        if (local / CURVE).is_file():
+            places["reward curve"] = where(CURVE)
+        if (local / "logs").is_dir():
+            places["logs"] = where("logs")
+        places["checkpoint"] = shown(self._last_checkpoint or self.checkpoints)
+        places["export"] = shown(self.storage.child("export").location)
+        if not self.storage.is_local:
+            places["local copy"] = str(local)
+        return places
 
     def _train_one_step(self) -> dict[str, float]:
         trainer = self.cfg.trainer
@@ -257,6 +298,7 @@ class Trainer:
     def save_checkpoint(self) -> str:
         state = {"step": self.step, "data": self.source.state_dict()}  # the learner adds its weight version
         path = self.learner.save_checkpoint(self.checkpoints, state)
+        self._last_checkpoint = str(path)
         self._upload_logs()
         log.info("checkpoint at step %d: %s", self.step, path)
         return path
@@ -272,7 +314,7 @@ class Trainer:
             if local.is_dir():
                 self.storage.upload(local, name)
             elif local.is_file():
-                self.storage.write_text(name, local.read_text())
+                self.storage.write_bytes(name, local.read_bytes())
 
     def export(self) -> str:
         """The policy as a Hugging Face directory under ``<output_dir>/export``: the next stage's
@@ -296,6 +338,7 @@ class Trainer:
         self.source.load_state_dict(state["data"])
         self.weights.push(new=False)  # the restored version, to the fresh engines
         self.monitor.resume_at(self.step)
+        self._resumed_from = self.step
         log.info("resumed at step %d, weight version %d", self.step, self.version)
         return True
 
