@@ -284,7 +284,8 @@ RAW_LOGPROBS = (
 
 
 def validate(config: Config) -> None:
-    """Every cross-field rule in one place; raises ConfigError naming the key."""
+    """The rules that span sections or bind training only (each section checks its own ranges);
+    raises ConfigError naming the key."""
     checks = [
         (config.rollout.group_size >= 2, "rollout.group_size must be >= 2 (GRPO compares within a group)"),
         (config.rollout.temperature == 1.0, f"rollout.temperature must be 1.0 for GRPO training, got "
