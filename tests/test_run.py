@@ -111,7 +111,7 @@ def test_a_run_on_s3_checkpoints_exports_and_resumes_there(ray_cluster, s3_uri):
 
 def test_async_job_survives_a_killed_reward_actor(ray_cluster, tmp_path):
     config = tiny_config(tmp_path, "--trainer.mode", "async", "--trainer.steps", "3",
-                         "--learner.lr_schedule", "cosine", "--learner.min_lr_ratio", "0.1")
+                         "--learner.lr", "1e-4", "--learner.lr_schedule", "cosine", "--learner.min_lr_ratio", "0.1")
     job = build_job(config, tmp_path)
     reward_actor = ray.get_actor("reward-0")
     pid_before = ray.get(reward_actor.info.remote())["pid"]
