@@ -153,6 +153,11 @@ def test_a_wandb_offline_run_holds_the_config_and_every_steps_scalars(tmp_path, 
                       config={"rollout": {"group_size": 4}})
     _log_steps(monitor, range(1, 4), loss=0.0)
     monitor.close()
+    import wandb
+
+    # finish() returns before wandb's service process has flushed the run file (CI read a bare
+    # 7-byte header); teardown waits for it, as the interpreter's exit does at a job's end
+    wandb.teardown()
 
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     records = _wandb_records(run_file)
