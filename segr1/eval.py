@@ -21,17 +21,16 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from segr1.config import Config, command_parser, parse_command, resolve_model
+from segr1.config import Config, command_parser, parse_command, resolve_models
 from segr1.config.tools import Alias, ConfigError
 from segr1.data.records import DatasetError
 from segr1.evaluation.datasets import GENERIC, KINDS, LoadOptions, parse_benchmark
 from segr1.evaluation.job import JobOptions, run_job
 from segr1.evaluation.results import EvalError
-from segr1.segmenters.settings import TINY_CHECKPOINT
 
 ALIASES = [
     Alias("--policy", "model.path", "Hugging Face model directory, or 'tiny' (the tiny random Qwen2.5-VL)", text=True),
@@ -80,17 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="discard results in --out instead of resuming")
     p.add_argument("--no-progress", action="store_true")
     return p
-
-
-def resolved(config: Config) -> Config:
-    """The policy and SAM2 as the actors load them, checked before Ray or any model starts."""
-    sam2 = config.sam2
-    if sam2.checkpoint != TINY_CHECKPOINT:
-        checkpoint = Path(sam2.checkpoint).expanduser()
-        if not checkpoint.is_file():
-            raise EvalError(f"sam2.checkpoint {checkpoint}: SAM2 checkpoint not found")
-        sam2 = replace(sam2, checkpoint=str(checkpoint.resolve()))
-    return replace(config, model=resolve_model(config.model), sam2=sam2)
 
 
 @contextlib.contextmanager
@@ -144,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         benchmarks = [parse_benchmark(spec, options) for spec in args.benchmark]
         for b in benchmarks:
             print(f"{b.title}: {b.count} examples ({b.spec})", flush=True)
-        config = resolved(config)
+        config = resolve_models(config)
         job = JobOptions(
             out_dir=args.out,
             settings=recorded_settings(config),

@@ -33,7 +33,7 @@ from segr1.config.tools import (
 from segr1.core.grpo import LossSettings
 from segr1.core.merge import deep_merge
 from segr1.core.policy import ModelSettings
-from segr1.segmenters.settings import Sam2Settings
+from segr1.segmenters.settings import TINY_CHECKPOINT, Sam2Settings
 
 PRESETS = ("tiny", "prerl", "cod", "sod")
 
@@ -312,3 +312,15 @@ def validate(config: Config) -> None:
     failed = [message for ok, message in checks if not ok]
     if failed:
         raise ConfigError("invalid config: " + "; ".join(failed))
+
+
+def resolve_models(config: Config) -> Config:
+    """``resolve_model`` for the policy, and the SAM2 checkpoint made absolute (``tiny`` as it is),
+    both checked before Ray or any model starts."""
+    sam2 = config.sam2
+    if sam2.checkpoint != TINY_CHECKPOINT:
+        checkpoint = Path(sam2.checkpoint).expanduser()
+        if not checkpoint.is_file():
+            raise ConfigError(f"sam2.checkpoint {checkpoint}: SAM2 checkpoint not found")
+        sam2 = replace(sam2, checkpoint=str(checkpoint.resolve()))
+    return replace(config, model=resolve_model(config.model), sam2=sam2)

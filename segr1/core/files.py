@@ -7,7 +7,9 @@ through ``move_into_place``: a crash leaves the old version or the new one, neve
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -52,3 +54,13 @@ def move_into_place(tmp: Path, final: Path, replace: bool = True) -> bool:
         return False
     shutil.rmtree(stale, ignore_errors=True)
     return True
+
+
+def mask_file_name(item_id: str) -> str:
+    """The mask file of an example or image id (evaluation, batch prediction): safe characters
+    kept, others replaced, plus a hash of the id when anything was replaced (so two ids never
+    share a file)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", item_id)[:120]
+    if safe != item_id or safe.startswith("."):
+        safe = f"{safe}-{hashlib.sha1(item_id.encode()).hexdigest()[:10]}"
+    return f"{safe}.png"

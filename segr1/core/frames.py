@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 
+# The paper feeds the policy a square of 768 px for COD/SOD and 1024 px for referring and reasoning
+# segmentation (evaluation and serving resize to it, then the processor to its frame).
+DEFAULT_POLICY_SIZE = {"cod": 768, "sod": 768, "refer": 1024, "reason": 1024}
 PATCH_FACTOR = 28  # Qwen2.5-VL: 14 px patches, merged 2 x 2 into one image token
 MAX_ASPECT = 200  # the processor refuses images more elongated than this
 
@@ -120,3 +123,19 @@ def to_policy_frame(
     scale = np.array([policy_size[0] / image_size[0], policy_size[1] / image_size[1]])
     values = np.asarray(xy, dtype=np.float64)
     return (values.reshape(*values.shape[:-1], -1, 2) * scale).reshape(values.shape)
+
+
+def from_policy_frame(xy: np.ndarray, policy_size: tuple[int, int], image_size: tuple[int, int]) -> np.ndarray:
+    """Coordinates (..., 2k) in the policy's frame mapped to the image's pixels: the scaling
+    ``segr1.core.segment.prompts_for`` gives the segmenter, for answers shown to a user."""
+    return to_policy_frame(xy, policy_size, image_size)
+
+
+def policy_image(image: np.ndarray, size: int) -> np.ndarray:
+    """The image the policy is given: resized to size x size (bicubic), as in the paper; its
+    processor then resizes that square to its frame."""
+    from PIL import Image
+
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))

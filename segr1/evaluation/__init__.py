@@ -10,7 +10,6 @@ ties them together; ``runner`` is the Ray predictor (vLLM rollout + SAM2 reward 
 from __future__ import annotations
 
 from segr1.evaluation.datasets import (
-    DEFAULT_POLICY_SIZE,
     Benchmark,
     Example,
     LoadOptions,
@@ -30,7 +29,6 @@ from segr1.evaluation.scoring import (
 )
 
 __all__ = [
-    "DEFAULT_POLICY_SIZE",
     "PAPER",
     "Benchmark",
     "BenchmarkScore",

@@ -31,9 +31,6 @@ from segr1.data.shards import MANIFEST_NAME, read_manifest
 
 FOREGROUND_TASKS = ("cod", "sod")
 EVAL_TASKS = FOREGROUND_TASKS + TEXT_TASKS
-# The paper feeds the policy 768 x 768 images for COD/SOD and 1024 x 1024 for referring and
-# reasoning segmentation.
-DEFAULT_POLICY_SIZE = {"cod": 768, "sod": 768, "refer": 1024, "reason": 1024}
 
 
 @dataclass

@@ -16,7 +16,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from segr1.evaluation.datasets import DEFAULT_POLICY_SIZE, Benchmark
+from segr1.core.frames import DEFAULT_POLICY_SIZE
+from segr1.evaluation.datasets import Benchmark
 from segr1.evaluation.gallery import write_gallery
 from segr1.evaluation.report import write_report
 from segr1.evaluation.results import EvalError, ResultStore

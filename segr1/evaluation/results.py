@@ -14,11 +14,9 @@ folder made with different settings is refused, so one table never mixes two con
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,15 +68,6 @@ class EvalResult:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EvalResult:
         return cls(**data)
-
-
-def mask_file_name(example_id: str) -> str:
-    """A file name for an id: safe characters kept, others replaced, plus a hash of the id when
-    anything was replaced (so two ids never share a file)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", example_id)[:120]
-    if safe != example_id or safe.startswith("."):
-        safe = f"{safe}-{hashlib.sha1(example_id.encode()).hexdigest()[:10]}"
-    return f"{safe}.png"
 
 
 def encode_png(mask: np.ndarray) -> bytes:

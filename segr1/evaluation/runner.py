@@ -27,14 +27,14 @@ from actors.pipeline import IssuedPrompt, Pipeline
 from actors.reward import RewardSettings, make_reward_pool
 from actors.rollout import RolloutPool, RolloutSettings
 from segr1.config import EvalSettings
-from segr1.core.frames import processor_bounds
+from segr1.core.frames import policy_image, processor_bounds
 from segr1.core.parser import parse_completion
 from segr1.core.policy import ModelSettings
 from segr1.core.prompts import PromptRenderer
 from segr1.core.schema import PromptItem, RolloutGroup
 from segr1.data.records import decode_mask
 from segr1.evaluation.datasets import Example, Sample
-from segr1.evaluation.scoring import Prediction, policy_image
+from segr1.evaluation.scoring import Prediction
 from segr1.segmenters.settings import Sam2Settings
 
 

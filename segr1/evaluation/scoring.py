@@ -15,15 +15,15 @@ from itertools import islice
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from segr1.core.frames import PixelBounds
+from segr1.core.files import mask_file_name
+from segr1.core.frames import PixelBounds, policy_image
 from segr1.core.metrics import IoUAccumulator, SODMetrics, intersection_union
 from segr1.core.parser import ParserLimits, PromptSet, parse_completion
 from segr1.core.prompts import answer_format
 from segr1.core.segment import Segmenter, masks_for_group
 from segr1.evaluation.datasets import FOREGROUND_TASKS, Benchmark, Example, Sample
-from segr1.evaluation.results import EvalError, EvalResult, ResultStore, mask_file_name
+from segr1.evaluation.results import EvalError, EvalResult, ResultStore
 
 
 @dataclass
@@ -40,13 +40,6 @@ class Prediction:
 
 # (task, policy side length, examples still to do) -> (example, its pixels, prediction), any order.
 Predictor = Callable[[str, int, Iterator[Example]], Iterator[tuple[Example, Sample, Prediction]]]
-
-
-def policy_image(image: np.ndarray, size: int) -> np.ndarray:
-    """The image as the policy sees it: resized to size x size (bicubic), as in the paper."""
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def apply_ignore(pred: np.ndarray, gt: np.ndarray, ignore: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
