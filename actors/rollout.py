@@ -167,9 +167,11 @@ class RolloutActor:
 
     def _engine_kwargs(self) -> dict[str, Any]:
         s, tp = self.settings, self.tensor_parallel_size
-        # The image bounds as the processor's `size`, as the learner loads its processor: as
-        # min_pixels/max_pixels they would reach every HF processor call, which warns at each.
+        # The image bounds as vLLM's flat Qwen-VL aliases: given as the processor's `size`, vLLM 0.32
+        # lets the checkpoint's own max_pixels win over a larger one (a 1024 px square seen at 84 px
+        # under a checkpoint saved with 112 px bounds, where the driver expected 756).
         size = processor_size(self.model.min_pixels, self.model.max_pixels, checkpoint=self._checkpoint_bounds)
+        bounds = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]} if size else None
         kwargs: dict[str, Any] = dict(
             model=self.model.path,
             dtype=self.model.dtype,
@@ -178,7 +180,7 @@ class RolloutActor:
             seed=self.seed,
             enforce_eager=s.enforce_eager,
             limit_mm_per_prompt={"image": 1, "video": 0},
-            mm_processor_kwargs={"size": size} if size else None,
+            mm_processor_kwargs=bounds,
             worker_extension_cls=WORKER_EXTENSION,
         )
         if self._on_gpu:

@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "run": ("segr1.run", "train: the Ray actor-learner GRPO job (default preset: tiny)"),
     "eval": ("segr1.eval", "evaluate a policy checkpoint on COD/SOD, referring and reasoning benchmarks"),
     "sft": ("segr1.sft", "supervised warm start that teaches the output format"),
+    "serve": ("segr1.serve", "serve a policy and SAM2 over HTTP on Ray Serve: a web page and POST /v1/segment"),
     "data": ("segr1.data", "prepare Parquet shards from dataset folders, or synthesise a dataset"),
     "tiny": ("segr1.tiny", "build the tiny random Qwen2.5-VL and SAM2 used by tests and the demo"),
 }

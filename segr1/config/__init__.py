@@ -179,6 +179,31 @@ class MlflowSettings:
 
 
 @dataclass(frozen=True)
+class ServeSettings:
+    """``segr1 serve``'s own settings; the policy, SAM2 and how the policy answers come from
+    ``model``, ``sam2``, ``rollout``, ``reward`` and ``evaluation``. Replicas and autoscaling are the
+    Serve config's (``cluster/serve.yaml``). ``token_env`` names the variable holding the access
+    token every ``/v1/segment`` request must bring (none set: no token asked); ``require_token``
+    refuses to start without one (``segr1 serve`` sets it for a host beyond 127.0.0.1)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_image_pixels: int = 4096 * 4096
+    max_upload_mb: int = 32
+    max_batch_size: int = 8  # requests sharing one engine call
+    batch_wait_timeout_s: float = 0.01
+    token_env: str = "SEGR1_SERVE_TOKEN"
+    require_token: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("port", "max_image_pixels", "max_upload_mb", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
+
+
+@dataclass(frozen=True)
 class MonitorSettings:
     """What the job shows and where its figures go (``segr1.train.monitor.Monitor`` takes it).
 
@@ -206,6 +231,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     sft: SftSettings = field(default_factory=SftSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
 
