@@ -405,3 +405,33 @@ def test_a_restarted_actor_is_brought_up_to_date(pool, pool_sync, policy, items)
     assert first.completions[0].token_ids == second.completions[0].token_ids
     assert first.weight_version == second.weight_version == version
     assert max_logprob_gap(policy, [first, second]) < MATCH_TOL
+
+
+def test_an_engine_resizes_with_bounds_larger_than_the_checkpoints(tiny_qwen_dir, tmp_path):
+    """A checkpoint whose processor config names its own bounds as flat ``min_pixels``/``max_pixels``
+    (Qwen2.5-VL-3B-Instruct's does, with 12845056; a segr1 export carries its run's) and an engine
+    given the project's 768 x 768: a 768 px image must be seen at 756 px, 729 image tokens, as the
+    learner's processor sees it. Given as a ``size`` override alone, vLLM 0.32 and transformers 5
+    both let the checkpoint's flat bound win: 9 image tokens, and the frame check refused the prompt."""
+    import json
+    import shutil
+
+    checkpoint = tmp_path / "flat-bounds"
+    shutil.copytree(tiny_qwen_dir, checkpoint)
+    config = json.loads((checkpoint / "processor_config.json").read_text())
+    config["image_processor"].update(min_pixels=3136, max_pixels=112 * 112)
+    (checkpoint / "processor_config.json").write_text(json.dumps(config))
+    big = PixelBounds(3136, 768 * 768)
+    model = ModelSettings(path=str(checkpoint), dtype="float32", min_pixels=big.min_pixels, max_pixels=big.max_pixels)
+    actor = RolloutActor(model, replace(ENGINE, max_model_len=2048), name="big-bounds")
+    try:
+        processor = load_processor(str(checkpoint), big.min_pixels, big.max_pixels)
+        image = np.random.default_rng(1).integers(0, 256, (768, 768, 3), dtype=np.uint8)
+        item = PromptItem("gb", "rb", render_prompt(processor, build_messages("cod")), image, big.frame((768, 768)))
+        assert item.policy_size == (756, 756)
+        (group,) = actor.generate([item], SamplingSettings(n=1, temperature=0.0, max_tokens=2))
+        pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        assert group.prompt_token_ids.count(pad) == 729
+        assert group.prompt_token_ids == process_prompt(processor, item.prompt, image, "gb").input_ids.tolist()
+    finally:
+        actor.shutdown()

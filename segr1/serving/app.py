@@ -154,11 +154,15 @@ class Ingress:
         request_id = f"serve-{os.getpid()}-{next(self.requests)}"
         item = policy_item(request_id, query, image, policy_size_for(query.task, self.evaluation.policy_size),
                            self.renderer, self.bounds)
-        group: RolloutGroup = await self.policy.answer.remote(item)
-        policy_ms = (time.perf_counter() - start) * 1000 - read_ms
-        completion = group.completions[0].text
-        prompt_set = parse_completion(completion, item.policy_size, self.limits)
-        mask = await self.segmenter.segment.remote(image, prompt_set, item.policy_size)
+        try:
+            group: RolloutGroup = await self.policy.answer.remote(item)
+            policy_ms = (time.perf_counter() - start) * 1000 - read_ms
+            completion = group.completions[0].text
+            prompt_set = parse_completion(completion, item.policy_size, self.limits)
+            mask = await self.segmenter.segment.remote(image, prompt_set, item.policy_size)
+        except Exception as err:  # noqa: BLE001 - a failed model call: this request's 500, the replicas stay
+            cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            return _error(500, f"request {request_id} failed in a model call: {cause}")
         total_ms = (time.perf_counter() - start) * 1000
         timings = {"read_ms": read_ms, "policy_ms": policy_ms, "segment_ms": total_ms - read_ms - policy_ms,
                    "total_ms": total_ms}
