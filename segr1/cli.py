@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "eval": ("segr1.eval", "evaluate a policy checkpoint on COD/SOD, referring and reasoning benchmarks"),
     "sft": ("segr1.sft", "supervised warm start that teaches the output format"),
     "serve": ("segr1.serve", "serve a policy and SAM2 over HTTP on Ray Serve: a web page and POST /v1/segment"),
+    "predict": ("segr1.predict", "batch prediction on Ray Data: masks for a folder of images or a dataset"),
     "data": ("segr1.data", "prepare Parquet shards from dataset folders, or synthesise a dataset"),
     "tiny": ("segr1.tiny", "build the tiny random Qwen2.5-VL and SAM2 used by tests and the demo"),
 }
@@ -17,7 +18,7 @@ SUBCOMMANDS = {
 
 def usage() -> str:
     lines = ["usage: segr1 <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<6} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<7} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "Each command takes --help."]
     return "\n".join(lines)
 

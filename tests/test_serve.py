@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 import signal
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 TOKEN = "test-token-0123456789"
 BOUNDS = PixelBounds(3136, 112 * 112)  # the tiny preset's model.min_pixels/max_pixels
-IMAGE_LIMIT = 1_000_000  # serve.max_image_pixels: 1024 x 768 passes, 1200 x 1000 does not
+IMAGE_LIMIT = 1_100_000  # serve.max_image_pixels: 1024 x 1024 passes, 1200 x 1000 does not
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -81,7 +82,7 @@ def _stop(process: subprocess.Popen, timeout_s: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    head = start_ray_head(num_cpus=4)
+    head = start_ray_head(num_cpus=6)  # the service's two replicas, then segr1 predict's two pools and its reads
     yield head
     head.stop()
 
@@ -121,13 +122,19 @@ def _segment(url: str, image: bytes, task: str = "cod", expression: str | None =
                          headers=AUTH if headers is None else headers, timeout=300)
 
 
+def _answer(url: str, image: bytes, task: str = "cod", expression: str | None = None) -> dict:
+    response = _segment(url, image, task, expression)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 def _mask(answer: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask_png"])))) > 127
 
 
 @pytest.mark.parametrize("task, expression, square, seen", [("cod", None, 768, 84), ("refer", "the round object", 1024, 112)])
 def test_an_answer_is_in_the_uploaded_images_pixels(service, task, expression, square, seen):
-    answer = _segment(service["url"], _jpeg(1024, 768), task, expression).json()
+    answer = _answer(service["url"], _jpeg(1024, 768), task, expression)
     assert answer["image_size"] == [1024, 768]
     assert _mask(answer).shape == (768, 1024)
     assert _mask(answer).sum() == answer["mask_pixels"]
@@ -152,7 +159,7 @@ def test_bad_input_gets_a_4xx_that_names_it_and_the_service_keeps_answering(serv
     url, good = service["url"], _jpeg(1024, 768)
     cases = {
         "not an image": (_segment(url, b"%PDF-1.4 not an image"), 415, "image: not an image"),
-        "too many pixels": (_segment(url, _jpeg(1200, 1000)), 413, "1200x1000 = 1200000 pixels, over the limit of 1000000"),
+        "too many pixels": (_segment(url, _jpeg(1200, 1000)), 413, "1200x1000 = 1200000 pixels, over the limit of 1100000"),
         "no expression": (_segment(url, good, "refer"), 400, "expression: task 'refer'"),
         "unknown task": (_segment(url, good, "segment-everything"), 400, "task 'segment-everything': unknown"),
         "no token": (_segment(url, good, headers={}), 401, "Authorization: Bearer"),
@@ -169,7 +176,7 @@ def test_bad_input_gets_a_4xx_that_names_it_and_the_service_keeps_answering(serv
 
 def test_32_concurrent_requests_all_get_the_answer_one_request_gets(service):
     image = _jpeg(1024, 768, seed=3)
-    alone = _segment(service["url"], image).json()
+    alone = _answer(service["url"], image)
     with ThreadPoolExecutor(32) as pool:
         responses = list(pool.map(lambda _: _segment(service["url"], image), range(32)))
     assert [r.status_code for r in responses] == [200] * 32
@@ -184,7 +191,7 @@ def test_the_web_page_draws_the_answers_mask_boxes_and_reasoning(service, tmp_pa
 
     image_path = tmp_path / "scene.jpg"
     image_path.write_bytes(_jpeg(1024, 768, seed=5))
-    expected = _segment(service["url"], image_path.read_bytes()).json()
+    expected = _answer(service["url"], image_path.read_bytes())
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
@@ -216,10 +223,45 @@ def test_the_web_page_draws_the_answers_mask_boxes_and_reasoning(service, tmp_pa
     assert think == (expected["think"] or "(no reasoning in the answer)")
 
 
+def test_predict_on_ray_data_answers_as_the_service_does_and_resumes(service, tmp_path):
+    """`segr1 predict` on the same cluster over a folder: each image's line and mask are the service's
+    answer for the same file; an image an earlier run finished is not redone, and its torn line
+    (a crash mid-write) is cut off; a file that is not an image gets an error line."""
+    folder, out = tmp_path / "photos", tmp_path / "out"
+    (folder / "nested").mkdir(parents=True)
+    images = {"a.jpg": _jpeg(1024, 768, seed=11), "b.jpg": _jpeg(768, 768, seed=12),
+              "nested/c.jpg": _jpeg(1024, 1024, seed=13)}
+    for name, data in images.items():
+        (folder / name).write_bytes(data)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    out.mkdir()
+    earlier = {"id": "b.jpg", "mask": "b.jpg.png", "completion": "from an earlier run"}
+    (out / "predictions.jsonl").write_text(json.dumps(earlier) + "\n" + '{"id": "a.jp')  # a torn last line
+    env = {**service["env"], "SEGR1_SERVE_TOKEN": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "segr1.predict", "--config", "tiny", "--policy", "tiny-warm", "--sam2-checkpoint",
+         "tiny", "--evaluation.max_tokens", "96", "--input", str(folder), "--task", "cod", "--out", str(out),
+         "--no-progress"], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "3 images to predict, 1 already in" in result.stdout
+    assert "predicted 2 images (1 with an error line), 1 were already done" in result.stdout
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert lines[0] == earlier and sorted(line["id"] for line in lines[1:]) == ["a.jpg", "broken.jpg", "nested/c.jpg"]
+    by_id = {line["id"]: line for line in lines}
+    assert "not an image" in by_id["broken.jpg"]["error"] and "mask" not in by_id["broken.jpg"]
+    for name in ("a.jpg", "nested/c.jpg"):
+        served = _answer(service["url"], images[name])
+        line = by_id[name]
+        assert (line["completion"], line["boxes"], line["image_size"]) == (served["completion"], served["boxes"],
+                                                                           served["image_size"])
+        mask = np.asarray(Image.open(out / "masks" / line["mask"])) > 127
+        np.testing.assert_array_equal(mask, _mask(served))
+
+
 def test_serve_run_starts_the_same_application_from_the_serve_config(service):
     """Ray Serve's own `serve run` of the file, after `segr1 serve` has stopped: same answer."""
     image = _jpeg(1024, 768, seed=7)
-    before = _segment(service["url"], image).json()
+    before = _answer(service["url"], image)
     _stop(service["process"])
     assert service["process"].returncode == 0, service["log"].read_text()[-4000:]
     assert "stopping the service" in service["log"].read_text()
@@ -230,7 +272,7 @@ def test_serve_run_starts_the_same_application_from_the_serve_config(service):
                                    stderr=subprocess.STDOUT, cwd=service["file"].parent)
     try:
         _wait_healthy(service["url"], process, log)
-        after = _segment(service["url"], image).json()
+        after = _answer(service["url"], image)
     finally:
         _stop(process)
     assert (after["completion"], after["mask_png"]) == (before["completion"], before["mask_png"])

@@ -112,12 +112,11 @@ def segment(segmenter: Segmenter, image: np.ndarray, prompt_set: PromptSet, poli
     return masks_for_group(segmenter, embedding, [prompt_set], policy_size, size)[0]
 
 
-def answer_json(
-    completion: str, prompt_set: PromptSet, policy_size: tuple[int, int], mask: np.ndarray,
-    timings: dict[str, float],
+def answer_fields(
+    completion: str, prompt_set: PromptSet, policy_size: tuple[int, int], mask: np.ndarray
 ) -> dict[str, Any]:
-    """The answer a user reads: coordinates in the uploaded image's pixels (``mask``'s size), the mask
-    as a base64 PNG of that size, the reasoning, the raw completion and what each stage took (ms)."""
+    """What a user reads of an answer: coordinates in the image's pixels (``mask``'s size), the
+    reasoning, the raw completion and anything the parser refused."""
     image_size = (mask.shape[1], mask.shape[0])
 
     def pixels(values: np.ndarray) -> list[list[float]]:
@@ -128,10 +127,21 @@ def answer_json(
         "boxes": pixels(prompt_set.boxes),
         "points": pixels(prompt_set.points),
         "labels": [int(label) for label in prompt_set.labels],
-        "mask_png": base64.b64encode(encode_mask(mask)).decode("ascii"),
         "image_size": list(image_size),
         "mask_pixels": int(mask.sum()),
         "completion": completion,
         "parse_errors": list(prompt_set.errors),
+    }
+
+
+def answer_json(
+    completion: str, prompt_set: PromptSet, policy_size: tuple[int, int], mask: np.ndarray,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The service's answer: ``answer_fields``, the mask as a base64 PNG of the uploaded image's
+    size and what each stage took (ms)."""
+    return {
+        **answer_fields(completion, prompt_set, policy_size, mask),
+        "mask_png": base64.b64encode(encode_mask(mask)).decode("ascii"),
         "timings": {name: round(ms, 1) for name, ms in timings.items()},
     }
