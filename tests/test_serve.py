@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -51,6 +50,8 @@ def _serve_file(tmp: Path, port: int) -> Path:
     ]}
     # `serve run` builds the application in a task on the cluster: the token reaches it this way
     app["runtime_env"] = {"env_vars": {"SEGR1_SERVE_TOKEN": TOKEN}}
+    for deployment in app["deployments"]:  # the tests stop the service twice: no 20 s drains
+        deployment.update(graceful_shutdown_timeout_s=2, graceful_shutdown_wait_loop_s=0.5)
     path = tmp / "serve.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -276,11 +277,3 @@ def test_serve_run_starts_the_same_application_from_the_serve_config(service):
     finally:
         _stop(process)
     assert (after["completion"], after["mask_png"]) == (before["completion"], before["mask_png"])
-
-
-def test_segr1_serve_refuses_a_public_host_without_a_token(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "SEGR1_SERVE_TOKEN"}
-    result = subprocess.run([sys.executable, "-m", "segr1.serve", "--config", "tiny", "--host", "0.0.0.0"],
-                            env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert "$SEGR1_SERVE_TOKEN is empty" in result.stderr

@@ -111,3 +111,11 @@ def test_a_serve_config_without_segr1s_application_is_refused(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match=r"args has unknown keys \['policy'\]"):
         read_serve_file(path)
+
+
+def test_segr1_serve_refuses_a_public_host_without_a_token(monkeypatch, capsys):
+    from segr1 import serve
+
+    monkeypatch.delenv("SEGR1_SERVE_TOKEN", raising=False)
+    assert serve.main(["--config", "tiny", "--host", "0.0.0.0"]) == 2  # before Ray or any model starts
+    assert "serve.require_token is set but $SEGR1_SERVE_TOKEN is empty" in capsys.readouterr().err

@@ -101,6 +101,10 @@ class Segmenter:
         return await asyncio.to_thread(run)
 
 
+async def _answered(response: Any) -> Any:
+    return await response
+
+
 def _page() -> str:
     return resources.files("segr1.serving").joinpath("page.html").read_text(encoding="utf-8")
 
@@ -134,12 +138,13 @@ class Ingress:
 
     @web.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """200 once a replica of each deployment answers; 503 while one is starting or down."""
-        try:
-            await asyncio.wait_for(asyncio.gather(self.policy.ready.remote(), self.segmenter.ready.remote()),
-                                   HEALTH_TIMEOUT_S)
-        except Exception as err:  # noqa: BLE001 - a timeout or a dead replica: not ready either way
-            return JSONResponse({"status": "unavailable", "reason": f"{type(err).__name__}: {err}"}, 503)
+        """200 once a replica of each deployment answers; 503 naming the one still starting or down."""
+        for name, handle in (("Policy", self.policy), ("Segmenter", self.segmenter)):
+            try:
+                await asyncio.wait_for(_answered(handle.ready.remote()), HEALTH_TIMEOUT_S)
+            except Exception as err:  # noqa: BLE001 - a timeout or a dead replica: not ready either way
+                reason = f"{name}: {type(err).__name__} {err}".strip()
+                return JSONResponse({"status": "unavailable", "reason": reason}, 503)
         return JSONResponse({"status": "ok"})
 
     @web.post("/v1/segment")
