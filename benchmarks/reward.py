@@ -1,7 +1,7 @@
 """Groups per second of reward scoring: the paper's per-sample SAM2 loop against one encode per group.
 
     .venv/bin/python benchmarks/reward.py [--group-sizes 4 8] [--groups 6] [--image-size 768]
-        [--sam2-image-size 256] [--decode-chunk 0] [--pad-to 0] [--threads 1]
+        [--duplicates 0 0.5 0.9] [--sam2-image-size 256] [--decode-chunk 0] [--pad-to 0] [--threads 1]
         [--sam2-config C --sam2-checkpoint P] [--device cpu|cuda] [--bf16]
 
 (a) "per-sample" is how the Seg-R1 code scores: for every completion it sets the image on SAM2
@@ -12,7 +12,10 @@ tokens so a group is one batch). Both run in this process, on the same images,
 completions and SAM2 weights, alternating group by group so machine noise hits both alike; both
 include parsing and scoring. The ratio (b)/(a) is bounded by G, the encodes saved per group.
 It is given on wall time and on process CPU time; with one thread the CPU-time ratio is the one a
-busy machine does not distort.
+busy machine does not distort. ``--duplicates``: groups where that share of the answers repeats
+one answer's prompts (a converged policy's), which (b) decodes and scores once and (a) does not.
+The last line is JSON: ``ratio_over_G_G{G}_dup{percent}`` (and its CPU-time twin) for every run,
+and ``ratio_over_G_dup{percent}`` for G = 8.
 
 Defaults: the tiny random SAM2 (hiera-tiny at 256 px) on CPU, synthetic 768 px COD images (the
 stored record size) and plausible completions (a jittered box around the object, two boxes in
@@ -25,6 +28,7 @@ tokens take part in attention, docs/reward.md): the difference is printed, not c
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -55,8 +59,10 @@ class Phases:
         return sum(self.group_s)
 
 
-def completions_for(mask: np.ndarray, rng: np.random.Generator, count: int) -> list[str]:
-    """Plausible answers: one box (two for every fourth) jittered around the object, 1-4 points."""
+def completions_for(mask: np.ndarray, rng: np.random.Generator, count: int, duplicates: float = 0.0) -> list[str]:
+    """Plausible answers: one box (two for every fourth) jittered around the object, 1-4 points.
+    ``duplicates``: the share of the group that repeats the first answer's prompts (a converged
+    policy's), each with its own reasoning text."""
     rows, cols = np.nonzero(mask)
     box = np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=float)
     spread = 0.05 * max(mask.shape)
@@ -66,7 +72,9 @@ def completions_for(mask: np.ndarray, rng: np.random.Generator, count: int) -> l
         n = int(rng.integers(1, 5))
         points = np.column_stack([rng.uniform(box[0], box[2], n), rng.uniform(box[1], box[3], n)])
         texts.append(answer_text(boxes=boxes, points=points, labels=rng.integers(0, 2, n), think="reasoning"))
-    return texts
+    repeats = round(duplicates * count)
+    answer = texts[0].split("</think>", 1)[1]
+    return texts[:1] + [f"<think>reasoning {i}</think>{answer}" for i in range(repeats)] + texts[1 + repeats :]
 
 
 def per_sample(predictor, image: np.ndarray, gt: np.ndarray, texts: list[str], phases: Phases) -> list[float]:
@@ -113,13 +121,15 @@ def per_group(actor: RewardActor, group: RolloutGroup, gt: np.ndarray, phases: P
     return rewards
 
 
-def run(actor: RewardActor, records: list, group_size: int, seed: int) -> tuple[Phases, Phases, float]:
+def run(
+    actor: RewardActor, records: list, group_size: int, seed: int, duplicates: float = 0.0
+) -> tuple[Phases, Phases, float]:
     predictor = actor.segmenter.predictor
     rng = np.random.default_rng(seed)
     a, b = Phases(), Phases()
     max_diff = 0.0
     for i, rec in enumerate(records):
-        texts = completions_for(rec.mask, rng, group_size)
+        texts = completions_for(rec.mask, rng, group_size, duplicates)
         item = PromptItem(group_id=f"g{i}", record_id=rec.id, prompt="", image=rec.image, policy_size=rec.size)
         group = RolloutGroup(item, [0], [Completion([0], t, [0.0], "stop") for t in texts], weight_version=0)
         # Alternate which goes first so a slow moment of a shared machine does not favour one method.
@@ -147,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--groups", type=int, default=6, help="timed groups per group size")
+    parser.add_argument("--duplicates", type=float, nargs="+", default=[0.0, 0.5, 0.9],
+                        help="shares of each group repeating one answer's prompts (a converged policy's)")
     parser.add_argument("--image-size", type=int, default=768, help="record (and policy) image size, px")
     parser.add_argument("--sam2-image-size", type=int, default=256)
     parser.add_argument("--sam2-config", default=None, help="with --sam2-checkpoint: a real SAM2")
@@ -181,24 +193,33 @@ def main(argv: list[str] | None = None) -> int:
         f"images {args.image_size}x{args.image_size}, {args.groups} groups per G"
     )
     run(actor, records[:1], 2, seed=99)  # warm-up: lazy imports, allocator, first-call overheads
-    print(f"{'G':>3} {'per-sample g/s':>15} {'per-group g/s':>14} {'ratio':>6} {'ratio/G':>8} "
+    print(f"{'G':>3} {'dup':>4} {'per-sample g/s':>15} {'per-group g/s':>14} {'ratio':>6} {'ratio/G':>8} "
           f"{'cpu ratio':>10} {'cpu r/G':>8}   wall-time shares")
     timings = actor.segmenter.timings
+    figures: dict[str, float] = {}
     for g in args.group_sizes:
-        prompts_before, batches_before = timings.decoded, timings.batches
-        a, b, max_diff = run(actor, records[1:], g, seed=g)
-        per_batch = (timings.decoded - prompts_before) / max(timings.batches - batches_before, 1)
-        # Batched matmuls may move a logit by ~1e-7 and flip a pixel that sits on the threshold;
-        # anything beyond a few such pixels would be a real disagreement.
-        if max_diff > 1e-4 and not args.pad_to:
-            raise SystemExit(f"G={g}: the two methods' rewards differ by up to {max_diff}")
-        rate_a = len(a.group_s) / a.total_s
-        rate_b = len(b.group_s) / b.total_s
-        ratio = rate_b / rate_a
-        cpu_ratio = sum(a.group_cpu_s) / sum(b.group_cpu_s)
-        print(f"{g:>3} {rate_a:>15.3f} {rate_b:>14.3f} {ratio:>6.2f} {ratio / g:>8.2f} {cpu_ratio:>10.2f} "
-              f"{cpu_ratio / g:>8.2f}   per-sample: {_shares(a)} | per-group: {_shares(b)}  "
-              f"(prompts per decoder batch {per_batch:.1f}, max reward diff {max_diff:.1e})")
+        for dup in args.duplicates:
+            prompts_before, batches_before = timings.decoded, timings.batches
+            a, b, max_diff = run(actor, records[1:], g, seed=g, duplicates=dup)
+            per_batch = (timings.decoded - prompts_before) / max(timings.batches - batches_before, 1)
+            # Batched matmuls may move a logit by ~1e-7 and flip a pixel that sits on the threshold;
+            # anything beyond a few such pixels would be a real disagreement.
+            if max_diff > 1e-4 and not args.pad_to:
+                raise SystemExit(f"G={g}, {dup:.0%} duplicates: the two methods' rewards differ by up to {max_diff}")
+            rate_a = len(a.group_s) / a.total_s
+            rate_b = len(b.group_s) / b.total_s
+            ratio = rate_b / rate_a
+            cpu_ratio = sum(a.group_cpu_s) / sum(b.group_cpu_s)
+            figures[f"ratio_over_G_G{g}_dup{round(100 * dup)}"] = round(ratio / g, 3)
+            figures[f"cpu_ratio_over_G_G{g}_dup{round(100 * dup)}"] = round(cpu_ratio / g, 3)
+            print(f"{g:>3} {dup:>4.0%} {rate_a:>15.3f} {rate_b:>14.3f} {ratio:>6.2f} {ratio / g:>8.2f} "
+                  f"{cpu_ratio:>10.2f} {cpu_ratio / g:>8.2f}   per-sample: {_shares(a)} | per-group: {_shares(b)}  "
+                  f"(prompts decoded {timings.decoded - prompts_before}, per decoder batch {per_batch:.1f}, "
+                  f"max reward diff {max_diff:.1e})")
+    if 8 in args.group_sizes:  # the issue's names: G = 8
+        figures.update({f"ratio_over_G_dup{round(100 * d)}": figures[f"ratio_over_G_G8_dup{round(100 * d)}"]
+                        for d in args.duplicates})
+    print(json.dumps(figures))
     return 0
 
 

@@ -77,15 +77,16 @@ def load_processor(model_path: str, min_pixels: int | None = None, max_pixels: i
 
     size = processor_size(min_pixels, max_pixels,
                           checkpoint=lambda: processor_bounds(AutoImageProcessor.from_pretrained(model_path)))
-    if not size:
-        return AutoProcessor.from_pretrained(model_path)
-    # A checkpoint may name its bounds as flat min_pixels/max_pixels too (Qwen2.5-VL-3B-Instruct's
-    # does, a segr1 export carries its run's), and those win over a `size` given alone. Given both,
-    # to the image processor's constructor, ours replace them; and no call then carries the flat
-    # aliases (transformers warns at every call that does).
-    image_processor = AutoImageProcessor.from_pretrained(
-        model_path, size=size, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
-    return AutoProcessor.from_pretrained(model_path, image_processor=image_processor)
+    processor = AutoProcessor.from_pretrained(model_path)
+    if size:
+        # A checkpoint may name its bounds as flat min_pixels/max_pixels too (Qwen2.5-VL-3B-Instruct's
+        # does), and those win over a `size` given alone. Given both to the image processor's
+        # constructor, ours replace them, and no call carries the flat aliases (transformers warns at
+        # each that does). Swapped in after loading: as a from_pretrained kwarg the image processor
+        # (or the bounds) would land in the tokenizer's saved config too.
+        processor.image_processor = AutoImageProcessor.from_pretrained(
+            model_path, size=size, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    return processor
 
 
 def resolve_image(image: Any, group_id: str) -> np.ndarray:

@@ -29,7 +29,8 @@ ALIASES = [
     Alias("--policy-size", "evaluation.policy_size", "side of the square the image is resized to for the policy "
           "(null: 768 for cod/sod, 1024 for refer/reason)"),
     Alias("--max-tokens", "evaluation.max_tokens"),
-    Alias("--kv-cache-mb", "rollout.kv_cache_memory_bytes", "vLLM KV cache on CPU, MiB", convert=lambda v: int(v) << 20),
+    Alias("--kv-cache-mb", "rollout.kv_cache_memory_bytes", "vLLM KV cache on CPU, MiB",
+          convert=lambda v: int(v) << 20),
     Alias("--rollout-actors", "rollout.num_actors", "vLLM engines (Ray Data actors)"),
     Alias("--reward-actors", "reward.num_actors", "SAM2 copies (Ray Data actors)"),
     Alias("--max-image-pixels", "serve.max_image_pixels", "larger images get an error line"),

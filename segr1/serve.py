@@ -39,7 +39,8 @@ ALIASES = [
     Alias("--policy-size", "evaluation.policy_size", "side of the square the image is resized to for the policy "
           "(null: 768 for cod/sod, 1024 for refer/reason)"),
     Alias("--max-tokens", "evaluation.max_tokens"),
-    Alias("--kv-cache-mb", "rollout.kv_cache_memory_bytes", "vLLM KV cache on CPU, MiB", convert=lambda v: int(v) << 20),
+    Alias("--kv-cache-mb", "rollout.kv_cache_memory_bytes", "vLLM KV cache on CPU, MiB",
+          convert=lambda v: int(v) << 20),
     Alias("--max-image-pixels", "serve.max_image_pixels", "larger uploads are refused (413)"),
     Alias("--ray-address", "ray.address", "join this Ray cluster (default: RAY_ADDRESS, else start one)", text=True),
     Alias("--num-cpus", "ray.num_cpus", "CPUs of a Ray cluster started here"),
@@ -84,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "POST /v1/segment, GET /healthz.", ALIASES)
     p.add_argument("--serve-config", type=Path, default=None,
                    help="a Ray Serve config (cluster/serve.yaml): builder args, replicas, autoscaling, http_options")
-    p.add_argument("--host", default=None, help=f"address to listen on (default: the Serve config's, else {DEFAULT_HOST}); "
-                   "beyond 127.0.0.1 an access token is required (serve.token_env)")
+    p.add_argument("--host", default=None, help="address to listen on (default: the Serve config's, else "
+                   f"{DEFAULT_HOST}); beyond 127.0.0.1 an access token is required (serve.token_env)")
     p.add_argument("--port", type=int, default=None, help=f"port (default: the Serve config's, else {DEFAULT_PORT})")
     return p
 

@@ -114,3 +114,27 @@ def test_a_segmenter_returning_the_wrong_size_is_reported():
         masks_for_group(seg, embedding, [_ps(points=[[1, 1]], labels=[1])], (5, 4), (5, 4))
     with pytest.raises(ValueError, match="policy_size"):
         prompts_for(_ps(), (0, 4), (5, 4))
+
+
+def test_answers_with_the_same_prompts_are_decoded_once_and_scored_alike():
+    """A low-entropy group: 6 of 8 answers give the same box and points (with other reasoning
+    text, one without its think): one decode for them, and every reward as scoring each alone."""
+    from segr1.core.parser import ParserLimits
+    from segr1.core.rewards import score, score_group
+
+    frame, limits = (40, 40), ParserLimits()
+    same = "<bbox>[4,4,30,30]</bbox><points>[[10,10],[20,20]]</points><labels>[1,0]</labels>"
+    texts = [f"<think>reason {i}</think>{same}" for i in range(5)] + [same]
+    texts += ["<think>x</think><bbox>[0,0,10,10]</bbox><points>[[2,2]]</points><labels>[1]</labels>", "garbage"]
+    group = [parse_completion(text, frame, limits) for text in texts]
+    seg = CountingSegmenter()
+    emb = seg.embed(np.zeros((40, 40, 3), np.uint8))
+    masks = masks_for_group(seg, emb, group, frame, (40, 40))
+    assert len(seg.calls) == 1 and len(seg.calls[0]) == 2  # the shared box and the other one
+    gt = np.zeros((40, 40), bool)
+    gt[5:25, 5:25] = True
+    parts = score_group(group, masks, gt)
+    alone = [score(ps, masks_for_group(BoxSegmenter(0.0), emb, [ps], frame, (40, 40))[0], gt) for ps in group]
+    assert parts == alone
+    assert parts[0].total == parts[4].total > parts[5].total  # the same mask; no think: no format reward
+    assert parts[5].iou == parts[0].iou > 0 and parts[7].total == 0.0

@@ -1,10 +1,13 @@
 """`segr1 serve` on a private Ray head, as a user runs it on a cluster: the tiny-warm policy and the tiny
-SAM2 behind Ray Serve, with an access token, through ``cluster/serve.yaml``'s deployments. The
-bounds are the tiny preset's, the ones tiny-warm learned its format at: the 768 and 1024 px squares
-are seen at 84 and 112 px, so an answer read in the wrong frame is off by 7-12x (at Qwen2.5-VL's bounds a
-1024 px square is seen at 756 px; tiny-warm writes no prompts at 729 image tokens, and
-``tests/test_rollout.py`` covers engines at bounds over the checkpoint's). One service for the module: answers in the uploaded image's pixels, bad input, 32
-concurrent requests, the web page in headless Chromium, then ``serve run`` of the same file.
+SAM2 behind Ray Serve, with an access token, through ``cluster/serve.yaml``'s deployments. One
+service for the module: answers in the uploaded image's pixels, bad input, 32 concurrent requests,
+the web page in headless Chromium, ``segr1 predict`` on the same cluster, then ``serve run`` of
+the same file.
+
+The bounds are the tiny preset's, the ones tiny-warm learned its format at: the 768 and 1024 px
+squares are seen at 84 and 112 px, so an answer read in the wrong frame is off by 7-12x. (At
+Qwen2.5-VL's bounds a 1024 px square is seen at 756 px, but tiny-warm writes no prompts at 729
+image tokens; ``tests/test_rollout.py`` covers engines at bounds over the checkpoint's.)
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def _serve_file(tmp: Path, port: int) -> Path:
     spec["http_options"] = {"host": "127.0.0.1", "port": port}
     app = spec["applications"][0]
     app["args"] = {"config": "tiny", "overrides": [
-        "model.path=tiny-warm", "sam2.checkpoint=tiny", f"serve.max_image_pixels={IMAGE_LIMIT}", "serve.require_token=true", "evaluation.max_tokens=96",
+        "model.path=tiny-warm", "sam2.checkpoint=tiny", f"serve.max_image_pixels={IMAGE_LIMIT}",
+        "serve.require_token=true", "evaluation.max_tokens=96",
     ]}
     # `serve run` builds the application in a task on the cluster: the token reaches it this way
     app["runtime_env"] = {"env_vars": {"SEGR1_SERVE_TOKEN": TOKEN}}
@@ -133,7 +137,8 @@ def _mask(answer: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask_png"])))) > 127
 
 
-@pytest.mark.parametrize("task, expression, square, seen", [("cod", None, 768, 84), ("refer", "the round object", 1024, 112)])
+@pytest.mark.parametrize("task, expression, square, seen",
+                         [("cod", None, 768, 84), ("refer", "the round object", 1024, 112)])
 def test_an_answer_is_in_the_uploaded_images_pixels(service, task, expression, square, seen):
     answer = _answer(service["url"], _jpeg(1024, 768), task, expression)
     assert answer["image_size"] == [1024, 768]
@@ -160,7 +165,8 @@ def test_bad_input_gets_a_4xx_that_names_it_and_the_service_keeps_answering(serv
     url, good = service["url"], _jpeg(1024, 768)
     cases = {
         "not an image": (_segment(url, b"%PDF-1.4 not an image"), 415, "image: not an image"),
-        "too many pixels": (_segment(url, _jpeg(1200, 1000)), 413, "1200x1000 = 1200000 pixels, over the limit of 1100000"),
+        "too many pixels": (_segment(url, _jpeg(1200, 1000)), 413,
+                            "1200x1000 = 1200000 pixels, over the limit of 1100000"),
         "no expression": (_segment(url, good, "refer"), 400, "expression: task 'refer'"),
         "unknown task": (_segment(url, good, "segment-everything"), 400, "task 'segment-everything': unknown"),
         "no token": (_segment(url, good, headers={}), 401, "Authorization: Bearer"),

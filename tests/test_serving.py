@@ -71,8 +71,8 @@ def test_an_image_is_read_upright_as_a_browser_shows_it():
 
 def test_the_answer_is_in_the_images_pixels_and_its_mask_the_segmenters():
     policy_size, image = (84, 84), np.zeros((768, 1024, 3), np.uint8)
-    text = "<think>the object is lower right</think>" + answer_text(boxes=[[42, 42, 84, 84]], points=[[63, 63], [10, 10]],
-                                                                      labels=[1, 0])
+    text = "<think>the object is lower right</think>" + answer_text(
+        boxes=[[42, 42, 84, 84]], points=[[63, 63], [10, 10]], labels=[1, 0])
     prompt_set = parse_completion(text, policy_size, ParserLimits())
     mask = segment(BoxSegmenter(point_radius=0), image, prompt_set, policy_size)
     answer = answer_json(text, prompt_set, policy_size, mask, {"total_ms": 12.345})

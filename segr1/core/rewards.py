@@ -62,24 +62,28 @@ class RewardParts:
         return asdict(self)
 
 
+def mask_quality(prompt_set: PromptSet, pred_mask: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """(IoU, S-measure) of a decoded mask against a checked ground truth; (0, 0) for no prompt."""
+    pred = as_pred(pred_mask, gt)
+    if pred.dtype != bool:
+        raise ValueError("score expects a binary mask from the segmenter, got a float map")
+    if prompt_set.is_empty:
+        return 0.0, 0.0
+    return iou(pred, gt), smeasure(pred, gt)
+
+
 def score(
     prompt_set: PromptSet,
     pred_mask: np.ndarray,
     gt_mask: np.ndarray,
     weights: RewardWeights | None = None,
     fmt: AnswerFormat = RL_FORMAT,
+    quality: tuple[float, float] | None = None,
 ) -> RewardParts:
-    """Score one completion's prompt set and the mask decoded from it against the ground truth."""
+    """Score one completion's prompt set and the mask decoded from it against the ground truth.
+    ``quality``: the mask's (IoU, S-measure) when already known (another sample's same mask)."""
     weights = weights or RewardWeights()
-    gt = as_gt(gt_mask)
-    pred = as_pred(pred_mask, gt)
-    if pred.dtype != bool:
-        raise ValueError("score expects a binary mask from the segmenter, got a float map")
-    if prompt_set.is_empty:
-        iou_value = sm_value = 0.0
-    else:
-        iou_value = iou(pred, gt)
-        sm_value = smeasure(pred, gt)
+    iou_value, sm_value = quality if quality is not None else mask_quality(prompt_set, pred_mask, as_gt(gt_mask))
     format_value = 1.0 if prompt_set.complete(fmt) else 0.0
     n_points = len(prompt_set.points)
     count_value = 1.0 if weights.points_min <= n_points <= weights.points_max else 0.0
@@ -102,8 +106,17 @@ def score_group(
     weights: RewardWeights | None = None,
     fmt: AnswerFormat = RL_FORMAT,
 ) -> list[RewardParts]:
-    """``score`` for every candidate of one GRPO group, which shares one ground truth."""
+    """``score`` for every candidate of one GRPO group, which shares one ground truth; a mask array
+    shared by several candidates (``segment.masks_for_group`` decodes equal geometry once) is
+    compared with the ground truth once."""
     if len(prompt_sets) != len(pred_masks):
         raise ValueError(f"score_group: {len(prompt_sets)} prompt sets but {len(pred_masks)} masks")
     gt = as_gt(gt_mask)
-    return [score(ps, mask, gt, weights, fmt) for ps, mask in zip(prompt_sets, pred_masks)]
+    known: dict[tuple[int, bool], tuple[float, float]] = {}
+    parts = []
+    for ps, mask in zip(prompt_sets, pred_masks):
+        key = (id(mask), ps.is_empty)
+        if key not in known:
+            known[key] = mask_quality(ps, mask, gt)
+        parts.append(score(ps, mask, gt, weights, fmt, quality=known[key]))
+    return parts

@@ -74,6 +74,14 @@ def prompts_for(
     return prompts
 
 
+def geometry_key(prompt_set: PromptSet) -> tuple[bytes, bytes, bytes, int, int]:
+    """What a prompt set's mask depends on: its boxes, points and labels (not its text or format).
+    Equal keys decode to the same mask."""
+    boxes, points = np.ascontiguousarray(prompt_set.boxes, float), np.ascontiguousarray(prompt_set.points, float)
+    labels = np.ascontiguousarray(prompt_set.labels, np.int64)
+    return boxes.tobytes(), points.tobytes(), labels.tobytes(), len(boxes), len(points)
+
+
 def masks_for_group(
     segmenter: Segmenter,
     embedding: Any,
@@ -81,25 +89,30 @@ def masks_for_group(
     policy_size: tuple[int, int],
     image_size: tuple[int, int],
 ) -> list[np.ndarray]:
-    """One bool (H, W) mask per prompt set, all decoded on one embedding in at most one call."""
+    """One bool (H, W) mask per prompt set, all decoded on one embedding in at most one call.
+
+    Prompt sets with the same geometry (``geometry_key``: common once the policy's entropy falls)
+    are decoded once and share one mask array, which callers must not modify in place."""
     iw, ih = _check_size(image_size, "image_size")
+    first: dict[tuple, int] = {}
+    owner_of = [first.setdefault(geometry_key(ps), index) for index, ps in enumerate(prompt_sets)]
     requests: list[MaskPrompt] = []
     owners: list[int] = []
-    for index, prompt_set in enumerate(prompt_sets):
-        for prompt in prompts_for(prompt_set, policy_size, image_size):
+    for index in sorted(set(owner_of)):
+        for prompt in prompts_for(prompt_sets[index], policy_size, image_size):
             requests.append(prompt)
             owners.append(index)
-    masks = [np.zeros((ih, iw), dtype=bool) for _ in prompt_sets]
-    if not requests:
-        return masks
-    decoded = segmenter.decode(embedding, requests)
-    if len(decoded) != len(requests):
-        raise ValueError(f"{type(segmenter).__name__}.decode returned {len(decoded)} masks for {len(requests)} prompts")
-    for owner, mask in zip(owners, decoded):
-        if mask.shape != (ih, iw):
-            raise ValueError(f"{type(segmenter).__name__}.decode returned a {mask.shape} mask, expected {(ih, iw)}")
-        masks[owner] |= mask.astype(bool, copy=False)
-    return masks
+    distinct = {index: np.zeros((ih, iw), dtype=bool) for index in set(owner_of)}
+    if requests:
+        decoded = segmenter.decode(embedding, requests)
+        if len(decoded) != len(requests):
+            raise ValueError(f"{type(segmenter).__name__}.decode returned {len(decoded)} masks for "
+                             f"{len(requests)} prompts")
+        for owner, mask in zip(owners, decoded):
+            if mask.shape != (ih, iw):
+                raise ValueError(f"{type(segmenter).__name__}.decode returned a {mask.shape} mask, expected {(ih, iw)}")
+            distinct[owner] |= mask.astype(bool, copy=False)
+    return [distinct[index] for index in owner_of]
 
 
 @dataclass(frozen=True)

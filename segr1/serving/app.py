@@ -65,8 +65,8 @@ class Policy:
     def __init__(self, model: ModelSettings, rollout: RolloutSettings, evaluation: EvalSettings,
                  settings: ServeSettings, tensor_parallel_size: int) -> None:
         context = serve.get_replica_context()
-        self.engine = RolloutActor(model, rollout, name=f"serve-policy-{context.replica_id.unique_id}", seed=evaluation.seed,
-                                   tensor_parallel_size=tensor_parallel_size)
+        self.engine = RolloutActor(model, rollout, name=f"serve-policy-{context.replica_id.unique_id}",
+                                   seed=evaluation.seed, tensor_parallel_size=tensor_parallel_size)
         self.sampling: SamplingSettings = evaluation.sampling()
         self.answer.set_max_batch_size(settings.max_batch_size)
         self.answer.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)

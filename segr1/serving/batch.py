@@ -4,11 +4,11 @@ line per image out, resumable.
 The input is listed on the driver (``pyarrow.fs``, so ``s3://`` and the like work as paths do) and
 what ``--out`` already holds is left out: ``predictions.jsonl`` has one line per finished image,
 written after its mask, so a run stopped anywhere redoes at most the images in flight. Ray Data
-reads the images (``read_binary_files`` or ``read_parquet``) and streams them through two actor
-pools, which grow with the cluster: ``PolicyStage`` (a vLLM engine each, ``rollout.num_actors`` of
-them) and ``MaskStage`` (SAM2, ``reward.num_actors``). Each image is answered as ``segr1 serve``
-answers it (``segr1.serving.answer``). An image that cannot be read, or whose query is bad, gets a
-line with its ``error`` and no mask, and the run goes on.
+reads the images (``read_binary_files`` or ``read_parquet``) and streams them through two
+autoscaling actor pools, which grow as the cluster has room: ``PolicyStage`` (a vLLM engine each, up
+to ``rollout.num_actors``) and ``MaskStage`` (SAM2, up to ``reward.num_actors``). Each image is
+answered as ``segr1 serve`` answers it (``segr1.serving.answer``). An image that cannot be read, or
+whose query is bad, gets a line with its ``error`` and no mask, and the run goes on.
 """
 
 from __future__ import annotations
@@ -201,6 +201,12 @@ class MaskStage:
         return {"id": batch["id"], "answer": np.array(answers, dtype=object), "mask_png": np.array(masks, dtype=object)}
 
 
+def _pool_size(actors: int) -> int | tuple[int, int]:
+    """Ray Data's ``concurrency``: an autoscaling pool of 1 up to ``actors``, which grows as the
+    cluster has room (nodes the autoscaler adds included)."""
+    return actors if actors == 1 else (1, actors)
+
+
 def stages(ds: Any, config: Config, batch_size: int) -> Any:
     """``ds`` through the policy's and SAM2's actor pools, GPUs for them when the cluster has some."""
     import ray
@@ -210,12 +216,13 @@ def stages(ds: Any, config: Config, batch_size: int) -> Any:
     policy_gpus = float(rollout.num_gpus_per_actor) if use_gpu else 0.0
     ds = ds.map_batches(
         PolicyStage, fn_constructor_args=(config, max(1, int(policy_gpus))), batch_size=batch_size,
-        batch_format="numpy", concurrency=rollout.num_actors, num_cpus=rollout.num_cpus_per_actor,
+        batch_format="numpy", concurrency=_pool_size(rollout.num_actors), num_cpus=rollout.num_cpus_per_actor,
         num_gpus=policy_gpus, runtime_env=actor_runtime_env(None, use_gpu=policy_gpus > 0),
     )
     sam2_gpus = reward.num_gpus_per_actor if use_gpu and config.sam2.backend == "sam2" else 0.0
     return ds.map_batches(MaskStage, fn_constructor_args=(config,), batch_size=batch_size, batch_format="numpy",
-                          concurrency=reward.num_actors, num_cpus=reward.num_cpus_per_actor, num_gpus=sam2_gpus)
+                          concurrency=_pool_size(reward.num_actors), num_cpus=reward.num_cpus_per_actor,
+                          num_gpus=sam2_gpus)
 
 
 def write_results(rows: Iterator[dict[str, Any]], out: Path, total: int, progress: bool) -> tuple[int, int]:
