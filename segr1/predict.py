@@ -21,21 +21,13 @@ from pathlib import Path
 
 from segr1.config import command_parser, parse_command, resolve_models
 from segr1.config.tools import Alias, ConfigError
+from segr1.serving import ANSWER_ALIASES
 
 ALIASES = [
-    Alias("--policy", "model.path", "Hugging Face model directory (a run's export), or 'tiny'/'tiny-warm'", text=True),
-    Alias("--sam2-config", "sam2.config", "SAM2 config name", text=True),
-    Alias("--sam2-checkpoint", "sam2.checkpoint", "SAM2 checkpoint file, or 'tiny' (a random tiny SAM2)", text=True),
-    Alias("--policy-size", "evaluation.policy_size", "side of the square the image is resized to for the policy "
-          "(null: 768 for cod/sod, 1024 for refer/reason)"),
-    Alias("--max-tokens", "evaluation.max_tokens"),
-    Alias("--kv-cache-mb", "rollout.kv_cache_memory_bytes", "vLLM KV cache on CPU, MiB",
-          convert=lambda v: int(v) << 20),
-    Alias("--rollout-actors", "rollout.num_actors", "vLLM engines (Ray Data actors)"),
-    Alias("--reward-actors", "reward.num_actors", "SAM2 copies (Ray Data actors)"),
+    *ANSWER_ALIASES,
+    Alias("--rollout-actors", "rollout.num_actors", "at most this many vLLM engines (Ray Data actors)"),
+    Alias("--reward-actors", "reward.num_actors", "at most this many SAM2 copies (Ray Data actors)"),
     Alias("--max-image-pixels", "serve.max_image_pixels", "larger images get an error line"),
-    Alias("--ray-address", "ray.address", "join this Ray cluster (default: RAY_ADDRESS, else start one)", text=True),
-    Alias("--num-cpus", "ray.num_cpus", "CPUs of a Ray cluster started here"),
 ]
 
 

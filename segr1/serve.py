@@ -28,23 +28,12 @@ import yaml
 
 from segr1.config import Config, command_parser, load_config, resolve_models
 from segr1.config.tools import Alias, ConfigError, alias_overrides
+from segr1.serving import ANSWER_ALIASES
 from segr1.serving.app import APP_NAME, application, token_digest
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 
-ALIASES = [
-    Alias("--policy", "model.path", "Hugging Face model directory (a run's export), or 'tiny'/'tiny-warm'", text=True),
-    Alias("--sam2-config", "sam2.config", "SAM2 config name", text=True),
-    Alias("--sam2-checkpoint", "sam2.checkpoint", "SAM2 checkpoint file, or 'tiny' (a random tiny SAM2)", text=True),
-    Alias("--policy-size", "evaluation.policy_size", "side of the square the image is resized to for the policy "
-          "(null: 768 for cod/sod, 1024 for refer/reason)"),
-    Alias("--max-tokens", "evaluation.max_tokens"),
-    Alias("--kv-cache-mb", "rollout.kv_cache_memory_bytes", "vLLM KV cache on CPU, MiB",
-          convert=lambda v: int(v) << 20),
-    Alias("--max-image-pixels", "serve.max_image_pixels", "larger uploads are refused (413)"),
-    Alias("--ray-address", "ray.address", "join this Ray cluster (default: RAY_ADDRESS, else start one)", text=True),
-    Alias("--num-cpus", "ray.num_cpus", "CPUs of a Ray cluster started here"),
-]
+ALIASES = [*ANSWER_ALIASES, Alias("--max-image-pixels", "serve.max_image_pixels", "larger uploads are refused (413)")]
 
 
 @dataclass
