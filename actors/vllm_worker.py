@@ -15,6 +15,7 @@ clash with the worker's own.
 from __future__ import annotations
 
 import logging
+import warnings
 
 from segr1.weightsync.weight_sync import BucketPlan, WeightGroup, drain, join_group, receive_buckets
 
@@ -52,7 +53,8 @@ _NOISY_LOGGERS = ("vllm.v1.worker.cpu_worker", "vllm.model_executor.model_loader
 
 
 def quiet_known_vllm_noise() -> None:
-    """Install ``_KnownVllmNoise`` on the two vLLM loggers of this process (once).
+    """Install ``_KnownVllmNoise`` on the two vLLM loggers of this process (once), and silence one
+    deprecation warning that vLLM's processor calls raise in transformers (below).
 
     Called by the rollout actor (an in-process engine runs its worker there) and by each engine
     worker when it joins the weight group (a multiprocess engine's workers are other processes).
@@ -61,6 +63,12 @@ def quiet_known_vllm_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _KnownVllmNoise) for f in logger.filters):
             logger.addFilter(_KnownVllmNoise())
+    # The engines take the image bounds as flat min_pixels/max_pixels (the only form vLLM 0.32 lets
+    # win over a checkpoint's own), which vLLM hands to every HF processor call, where transformers
+    # calls the form deprecated. It still works in the pinned transformers (< 5.20; removal is due
+    # in 5.23), and tests/test_rollout.py checks the bounds hold.
+    warnings.filterwarnings("ignore", message="Passing `min_pixels` and `max_pixels` to a processor call",
+                            category=FutureWarning)
 
 
 class WeightSyncWorkerExtension:
