@@ -76,6 +76,14 @@ class RewardSettings:
             raise ValueError("RewardSettings: " + "; ".join(failed))
 
 
+def segmenter_device(sam2: Sam2Settings) -> str:
+    """Where SAM2 runs: the process's GPU when it has one (inside Ray, only an assigned GPU is
+    visible), else the CPU; the box backend always on the CPU."""
+    import torch
+
+    return "cuda" if sam2.backend == "sam2" and torch.cuda.is_available() else "cpu"
+
+
 def make_segmenter(sam2: Sam2Settings, settings: RewardSettings, device: str) -> Segmenter:
     """The backend ``sam2`` names, built once, on ``device``; checkpoint ``tiny`` is built (or taken
     from the cache) by ``segr1.testing.tiny`` on the actor's own node."""
@@ -162,14 +170,10 @@ class RewardActor:
     def __init__(
         self, sam2: Sam2Settings, settings: RewardSettings, name: str = "reward", device: str | None = None
     ) -> None:
-        import torch
-
         self.sam2 = sam2
         self.settings = settings
         self.name = name
-        # Inside Ray, only GPUs the actor asked for are visible, so "auto" means an assigned GPU.
-        auto = "cuda" if sam2.backend == "sam2" and torch.cuda.is_available() else "cpu"
-        self.device = device or auto
+        self.device = device or segmenter_device(sam2)
         self.segmenter = make_segmenter(sam2, settings, self.device)
         self.stats = RewardStats()
 

@@ -15,9 +15,9 @@ from segr1.config import load_config
 from segr1.config.tools import ConfigError
 from segr1.core.parser import ParserLimits, parse_completion
 from segr1.core.prompts import answer_text
-from segr1.core.segment import BoxSegmenter
+from segr1.core.segment import BoxSegmenter, segment_image
 from segr1.serve import read_serve_file
-from segr1.serving.answer import BadInput, answer_json, check_query, read_image, segment
+from segr1.serving.answer import BadInput, answer_json, check_query, read_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_the_answer_is_in_the_images_pixels_and_its_mask_the_segmenters():
     text = "<think>the object is lower right</think>" + answer_text(
         boxes=[[42, 42, 84, 84]], points=[[63, 63], [10, 10]], labels=[1, 0])
     prompt_set = parse_completion(text, policy_size, ParserLimits())
-    mask = segment(BoxSegmenter(point_radius=0), image, prompt_set, policy_size)
+    mask = segment_image(BoxSegmenter(point_radius=0), image, prompt_set, policy_size)
     answer = answer_json(text, prompt_set, policy_size, mask, {"total_ms": 12.345})
     assert answer["boxes"] == [[512.0, 384.0, 1024.0, 768.0]]
     # every point the policy wrote (SAM2 is given only those inside a box: the reward's rule)

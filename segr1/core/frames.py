@@ -139,3 +139,8 @@ def policy_image(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape[0] == size and image.shape[1] == size:
         return image
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def policy_side(task: str, configured: int | None) -> int:
+    """The square side the policy is given: the configured one, else the paper's for the task."""
+    return configured or DEFAULT_POLICY_SIZE[task]

@@ -115,6 +115,15 @@ def masks_for_group(
     return [distinct[index] for index in owner_of]
 
 
+def segment_image(
+    segmenter: Segmenter, image: np.ndarray, prompt_set: PromptSet, policy_size: tuple[int, int]
+) -> np.ndarray:
+    """The bool (H, W) mask of ``image`` for one answer: ``masks_for_group`` of one prompt set, with
+    no encode when the answer holds no prompt (evaluation in-process, serving, batch prediction)."""
+    embedding = None if prompt_set.is_empty else segmenter.embed(image)
+    return masks_for_group(segmenter, embedding, [prompt_set], policy_size, (image.shape[1], image.shape[0]))[0]
+
+
 @dataclass(frozen=True)
 class ImageShape:
     """``BoxSegmenter``'s embedding: it only needs the image size."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from segr1.core.frames import DEFAULT_POLICY_SIZE
+from segr1.core.frames import policy_side
 from segr1.evaluation.datasets import Benchmark
 from segr1.evaluation.gallery import write_gallery
 from segr1.evaluation.report import write_report
@@ -45,7 +45,7 @@ class JobOptions:
     progress: bool = True
 
     def size_for(self, task: str) -> int:
-        return self.policy_size or DEFAULT_POLICY_SIZE[task]
+        return policy_side(task, self.policy_size)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from segr1.core.frames import PixelBounds, policy_image
 from segr1.core.metrics import IoUAccumulator, SODMetrics, intersection_union
 from segr1.core.parser import ParserLimits, PromptSet, parse_completion
 from segr1.core.prompts import answer_format
-from segr1.core.segment import Segmenter, masks_for_group
+from segr1.core.segment import Segmenter, segment_image
 from segr1.evaluation.datasets import FOREGROUND_TASKS, Benchmark, Example, Sample
 from segr1.evaluation.results import EvalError, EvalResult, ResultStore
 
@@ -131,9 +131,7 @@ def local_predictor(
             sample = example.load()
             text = complete(example, policy_image(sample.image, size))
             prompt_set = parse_completion(text, frame, limits)
-            embedding = None if prompt_set.is_empty else segmenter.embed(sample.image)
-            image_size = (sample.image.shape[1], sample.image.shape[0])
-            mask = masks_for_group(segmenter, embedding, [prompt_set], frame, image_size)[0]
+            mask = segment_image(segmenter, sample.image, prompt_set, frame)
             yield example, sample, Prediction(mask, text, prompt_set, frame)
 
     return predict

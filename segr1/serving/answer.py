@@ -2,8 +2,9 @@
 
 A query is checked (``check_query``) and its image decoded under a pixel limit (``read_image``)
 before any model sees it, so bad input is a clear error and never reaches a replica. The policy is
-given the image as evaluation gives it (``policy_item``: the paper's square, then the processor's
-frame); its completion is parsed in that frame, SAM2 segments the uploaded image (``segment``),
+given the image as evaluation gives it (``PolicyPrompts``: the paper's square, then the
+processor's frame); its completion is parsed in that frame, SAM2 segments the uploaded image
+(``segr1.core.segment.segment_image``),
 and ``answer_json`` reports the boxes and points in the uploaded image's pixels with the mask as a
 PNG of the uploaded image's size.
 """
@@ -19,11 +20,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from segr1.core.frames import DEFAULT_POLICY_SIZE, PixelBounds, from_policy_frame, policy_image
+from segr1.config import Config
+from segr1.core.frames import from_policy_frame, policy_image, policy_side, processor_bounds
 from segr1.core.parser import PromptSet
+from segr1.core.policy import ModelSettings
 from segr1.core.prompts import TEXT_TASKS, PromptRenderer
 from segr1.core.schema import PromptItem
-from segr1.core.segment import Segmenter, masks_for_group
 from segr1.data.records import encode_mask
 
 TASKS = ("cod", "sod", "refer", "reason")
@@ -84,32 +86,37 @@ def read_image(data: bytes, max_pixels: int, name: str = "image") -> np.ndarray:
     return np.asarray(picture)
 
 
-def policy_size_for(task: str, configured: int | None) -> int:
-    """The square side the policy is given: the configured one, else the paper's for the task."""
-    return configured or DEFAULT_POLICY_SIZE[task]
+class PolicyPrompts:
+    """The policy's prompt for an image, as evaluation gives it: the image resized to the paper's
+    square (or ``policy_size``), and the frame the policy's processor (``model``'s bounds, the
+    engines' too) turns that square into, which the answer's coordinates are in."""
+
+    def __init__(self, model: ModelSettings, policy_size: int | None) -> None:
+        from learner.inputs import load_processor
+
+        processor = load_processor(model.path, model.min_pixels, model.max_pixels)
+        self.bounds, self.renderer = processor_bounds(processor), PromptRenderer(processor)
+        self.policy_size = policy_size
+
+    def item(self, request_id: str, query: Query, image: np.ndarray) -> PromptItem:
+        side = policy_side(query.task, self.policy_size)
+        return PromptItem(
+            group_id=request_id,
+            record_id=request_id,
+            prompt=self.renderer(query.task, query.expression),
+            image=np.ascontiguousarray(policy_image(image, side)),
+            policy_size=self.bounds.frame((side, side)),
+            task=query.task,
+        )
 
 
-def policy_item(
-    request_id: str, query: Query, image: np.ndarray, size: int, renderer: PromptRenderer, bounds: PixelBounds
-) -> PromptItem:
-    """The policy's prompt for one image: the image resized to ``size`` x ``size`` and the frame its
-    processor turns that square into (the frame the answer's coordinates are in)."""
-    return PromptItem(
-        group_id=request_id,
-        record_id=request_id,
-        prompt=renderer(query.task, query.expression),
-        image=np.ascontiguousarray(policy_image(image, size)),
-        policy_size=bounds.frame((size, size)),
-        task=query.task,
-    )
-
-
-def segment(segmenter: Segmenter, image: np.ndarray, prompt_set: PromptSet, policy_size: tuple[int, int]) -> np.ndarray:
-    """The bool (H, W) mask of ``image`` for one parsed answer (empty, without an encode, when the
-    answer holds no prompt): the reward's rule (``masks_for_group``)."""
-    embedding = None if prompt_set.is_empty else segmenter.embed(image)
-    size = (image.shape[1], image.shape[0])
-    return masks_for_group(segmenter, embedding, [prompt_set], policy_size, size)[0]
+def model_gpus(config: Config, cluster_gpus: float) -> tuple[float, float]:
+    """GPUs of one policy engine and of one SAM2 copy: the ``rollout``/``reward`` settings' on a
+    cluster with GPUs (SAM2 only with its real backend), none otherwise."""
+    if cluster_gpus <= 0:
+        return 0.0, 0.0
+    sam2 = config.reward.num_gpus_per_actor if config.sam2.backend == "sam2" else 0.0
+    return float(config.rollout.num_gpus_per_actor), sam2
 
 
 def answer_fields(

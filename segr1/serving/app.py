@@ -33,24 +33,15 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from actors.reward import RewardSettings, make_segmenter
+from actors.reward import RewardSettings, make_segmenter, segmenter_device
 from actors.rollout import RolloutActor, RolloutSettings, SamplingSettings, actor_runtime_env
 from segr1.config import Config, EvalSettings, ServeSettings, load_config, resolve_models
-from segr1.core.frames import processor_bounds
 from segr1.core.parser import ParserLimits, PromptSet, parse_completion
 from segr1.core.policy import ModelSettings
-from segr1.core.prompts import PromptRenderer
 from segr1.core.schema import PromptItem, RolloutGroup
+from segr1.core.segment import segment_image
 from segr1.segmenters.settings import Sam2Settings
-from segr1.serving.answer import (
-    BadInput,
-    answer_json,
-    check_query,
-    policy_item,
-    policy_size_for,
-    read_image,
-    segment,
-)
+from segr1.serving.answer import BadInput, PolicyPrompts, answer_json, check_query, model_gpus, read_image
 
 APP_NAME = "segr1"
 HEALTH_TIMEOUT_S = 5.0
@@ -84,10 +75,7 @@ class Segmenter:
     """SAM2 on the replica's device; one image at a time (the predictor holds state while encoding)."""
 
     def __init__(self, sam2: Sam2Settings, reward: RewardSettings) -> None:
-        import torch
-
-        device = "cuda" if sam2.backend == "sam2" and torch.cuda.is_available() else "cpu"
-        self.segmenter = make_segmenter(sam2, reward, device)
+        self.segmenter = make_segmenter(sam2, reward, segmenter_device(sam2))
         self.lock = threading.Lock()
 
     def ready(self) -> bool:
@@ -96,7 +84,7 @@ class Segmenter:
     async def segment(self, image: np.ndarray, prompt_set: PromptSet, policy_size: tuple[int, int]) -> np.ndarray:
         def run() -> np.ndarray:
             with self.lock:
-                return segment(self.segmenter, image, prompt_set, policy_size)
+                return segment_image(self.segmenter, image, prompt_set, policy_size)
 
         return await asyncio.to_thread(run)
 
@@ -121,13 +109,9 @@ class Ingress:
     def __init__(self, policy: DeploymentHandle, segmenter: DeploymentHandle, model: ModelSettings,
                  evaluation: EvalSettings, limits: ParserLimits, settings: ServeSettings,
                  token_sha256: str | None) -> None:
-        from learner.inputs import load_processor
-
         self.policy, self.segmenter = policy, segmenter
-        self.evaluation, self.limits, self.settings = evaluation, limits, settings
-        processor = load_processor(model.path, model.min_pixels, model.max_pixels)
-        self.bounds = processor_bounds(processor)  # the engine resizes with the same ones
-        self.renderer = PromptRenderer(processor)
+        self.limits, self.settings = limits, settings
+        self.prompts = PolicyPrompts(model, evaluation.policy_size)  # the engines resize with the same bounds
         self.token_sha256 = token_sha256
         self.page = _page()
         self.requests = itertools.count()
@@ -157,8 +141,7 @@ class Ingress:
             return _error(err.status, str(err))
         read_ms = (time.perf_counter() - start) * 1000
         request_id = f"serve-{os.getpid()}-{next(self.requests)}"
-        item = policy_item(request_id, query, image, policy_size_for(query.task, self.evaluation.policy_size),
-                           self.renderer, self.bounds)
+        item = self.prompts.item(request_id, query, image)
         try:
             group: RolloutGroup = await self.policy.answer.remote(item)
             policy_ms = (time.perf_counter() - start) * 1000 - read_ms
@@ -225,10 +208,8 @@ def application(config: Config, deployments: dict[str, dict[str, Any]] | None = 
     unknown = set(options) - {"Policy", "Segmenter", "Ingress"}
     if unknown:
         raise ValueError(f"Serve config: unknown deployments {sorted(unknown)}; segr1's are Policy, Segmenter, Ingress")
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     rollout, reward = config.rollout, config.reward
-    policy_gpus = float(rollout.num_gpus_per_actor) if use_gpu else 0.0
-    sam2_gpus = reward.num_gpus_per_actor if use_gpu and config.sam2.backend == "sam2" else 0.0
+    policy_gpus, sam2_gpus = model_gpus(config, ray.cluster_resources().get("GPU", 0))
     policy_actor = {"num_cpus": rollout.num_cpus_per_actor, "num_gpus": policy_gpus,
                     "runtime_env": actor_runtime_env(None, use_gpu=policy_gpus > 0)}
     policy = Policy.options(**{"ray_actor_options": policy_actor, **options.get("Policy", {})}).bind(

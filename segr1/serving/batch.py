@@ -24,29 +24,19 @@ import numpy as np
 import pyarrow.fs as pafs
 from tqdm import tqdm
 
-from actors.reward import make_segmenter
+from actors.reward import make_segmenter, segmenter_device
 from actors.rollout import RolloutActor, actor_runtime_env
 from segr1.config import Config
 from segr1.core.files import mask_file_name, write_atomic
-from segr1.core.frames import processor_bounds
 from segr1.core.parser import parse_completion
+from segr1.core.segment import segment_image
 from segr1.data.records import encode_mask
 from segr1.data.shards import MANIFEST_NAME
-from segr1.serving.answer import (
-    BadInput,
-    answer_fields,
-    check_query,
-    policy_item,
-    policy_size_for,
-    read_image,
-    segment,
-)
+from segr1.serving.answer import BadInput, PolicyPrompts, answer_fields, check_query, model_gpus, read_image
 
 PREDICTIONS = "predictions.jsonl"
 MASKS = "masks"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-# "" for no expression and no error: Ray Data's numpy batches would turn None into NaN
-COLUMNS = ["id", "task", "expression", "image", "error"]
 
 
 class PredictError(ValueError):
@@ -111,7 +101,9 @@ def done_ids(out: Path) -> set[str]:
 
 
 def dataset(source: Source, kind: str, files: list[str], done: set[str]) -> tuple[Any, int]:
-    """The Ray Data dataset of the images still to predict (columns ``COLUMNS``) and their count."""
+    """The Ray Data dataset of the images still to predict and their count. Columns: id, task,
+    expression, image, error; "" for no expression and no error, since Ray Data's numpy batches
+    would turn None into NaN."""
     import ray.data
 
     fs, root = _filesystem(source.location)
@@ -139,15 +131,10 @@ class PolicyStage:
     and the policy frame (``frame_w``, ``frame_h``); a bad row gets ``error`` instead."""
 
     def __init__(self, config: Config, tensor_parallel_size: int) -> None:
-        from learner.inputs import load_processor
-        from segr1.core.prompts import PromptRenderer
-
-        model = config.model
-        self.engine = RolloutActor(model, config.rollout, name=f"predict-policy-{os.getpid()}",
+        self.engine = RolloutActor(config.model, config.rollout, name=f"predict-policy-{os.getpid()}",
                                    seed=config.evaluation.seed, tensor_parallel_size=tensor_parallel_size)
-        processor = load_processor(model.path, model.min_pixels, model.max_pixels)
-        self.bounds, self.renderer = processor_bounds(processor), PromptRenderer(processor)
-        self.sampling, self.policy_size = config.evaluation.sampling(), config.evaluation.policy_size
+        self.prompts = PolicyPrompts(config.model, config.evaluation.policy_size)
+        self.sampling = config.evaluation.sampling()
         self.max_pixels = config.serve.max_image_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -161,8 +148,7 @@ class PolicyStage:
             except BadInput as err:
                 errors[i] = str(err)
                 continue
-            items.append(policy_item(str(batch["id"][i]), query, image,
-                                     policy_size_for(query.task, self.policy_size), self.renderer, self.bounds))
+            items.append(self.prompts.item(str(batch["id"][i]), query, image))
             owners.append(i)
         completions, frames = [""] * rows, [(0, 0)] * rows
         for i, group in zip(owners, self.engine.generate(items, self.sampling) if items else []):
@@ -176,10 +162,7 @@ class MaskStage:
     ``answer`` and the ``mask_png`` (empty for an error row)."""
 
     def __init__(self, config: Config) -> None:
-        import torch
-
-        device = "cuda" if config.sam2.backend == "sam2" and torch.cuda.is_available() else "cpu"
-        self.segmenter = make_segmenter(config.sam2, config.reward, device)
+        self.segmenter = make_segmenter(config.sam2, config.reward, segmenter_device(config.sam2))
         self.limits, self.max_pixels = config.reward.limits, config.serve.max_image_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -194,7 +177,7 @@ class MaskStage:
             image = read_image(bytes(batch["image"][i]), self.max_pixels)
             frame = (int(batch["frame_w"][i]), int(batch["frame_h"][i]))
             prompt_set = parse_completion(batch["completion"][i], frame, self.limits)
-            mask = segment(self.segmenter, image, prompt_set, frame)
+            mask = segment_image(self.segmenter, image, prompt_set, frame)
             fields = answer_fields(batch["completion"][i], prompt_set, frame, mask)
             answers.append(json.dumps({**line, "mask": mask_file_name(str(item_id)), **fields}))
             masks.append(encode_mask(mask))
@@ -211,15 +194,13 @@ def stages(ds: Any, config: Config, batch_size: int) -> Any:
     """``ds`` through the policy's and SAM2's actor pools, GPUs for them when the cluster has some."""
     import ray
 
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     rollout, reward = config.rollout, config.reward
-    policy_gpus = float(rollout.num_gpus_per_actor) if use_gpu else 0.0
+    policy_gpus, sam2_gpus = model_gpus(config, ray.cluster_resources().get("GPU", 0))
     ds = ds.map_batches(
         PolicyStage, fn_constructor_args=(config, max(1, int(policy_gpus))), batch_size=batch_size,
         batch_format="numpy", concurrency=_pool_size(rollout.num_actors), num_cpus=rollout.num_cpus_per_actor,
         num_gpus=policy_gpus, runtime_env=actor_runtime_env(None, use_gpu=policy_gpus > 0),
     )
-    sam2_gpus = reward.num_gpus_per_actor if use_gpu and config.sam2.backend == "sam2" else 0.0
     return ds.map_batches(MaskStage, fn_constructor_args=(config,), batch_size=batch_size, batch_format="numpy",
                           concurrency=_pool_size(reward.num_actors), num_cpus=reward.num_cpus_per_actor,
                           num_gpus=sam2_gpus)
