@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from actors.reward import make_segmenter, segmenter_device
@@ -116,9 +117,13 @@ def dataset(source: Source, kind: str, files: list[str], done: set[str]) -> tupl
         ds = ds.map(lambda row: {"id": ids[row["path"]], "task": source.task, "expression": source.expression or "",
                                  "image": row["bytes"], "error": ""})
         return ds, len(pending)
+    # the ids alone, read on the driver: counting the filtered dataset would read every image twice
+    ids = pq.read_table(files, columns=["id"], filesystem=fs).column("id").to_pylist()
+    count = sum(1 for item_id in ids if item_id not in done)
+    if not count:
+        return None, 0
     ds = ray.data.read_parquet(files, filesystem=fs, columns=["id", "task", "image", "texts"])
     ds = ds.filter(lambda row: row["id"] not in done)
-    count = ds.count()
     return ds.map(lambda row: {
         "id": row["id"], "task": source.task or row["task"],
         "expression": source.expression or (row["texts"][0] if len(row["texts"]) else ""),
