@@ -56,7 +56,7 @@ class Pipeline:
         size = max(1, self.prompts_per_call)
         for start in range(0, len(prompts), size):
             chunk = [p.item for p in prompts[start : start + size]]
-            self.rollout.submit("generate", chunk, sampling)
+            self.rollout.submit("generate", chunk, sampling, work=len(chunk))
 
     @property
     def pending(self) -> int:
@@ -74,6 +74,11 @@ class Pipeline:
             self._want_masks.discard(group.group_id)
             scored.append(ScoredPrompt(ScoredGroup(group, task.result), issued.mask))
         return scored
+
+    def accounting(self) -> dict[str, int]:
+        """Both pools' counts since they started: actor restarts, calls past deadline, groups redone."""
+        rollout, reward = self.rollout.accounting(), self.reward.accounting()
+        return {key: rollout[key] + reward[key] for key in rollout}
 
     def collect(self, count: int) -> list[ScoredPrompt]:
         """Block until ``count`` more groups are scored (or nothing is left in flight)."""

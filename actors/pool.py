@@ -9,11 +9,17 @@ the caller, never swallowed: a bug in scoring must stop the job, not silently dr
 A restartable actor that dies answers ``ActorUnavailableError`` until Ray has restarted it (which
 takes as long as loading its model), so retries back off exponentially: with the default
 ``max_attempts`` a task keeps trying for about two and a half minutes before the error is raised.
+
+A task has a deadline when the pool has one: ``deadline_s`` plus ``deadline_per_group_s`` for each
+group of its ``work``. An actor still on a task past it is killed (Ray restarts it) and the task
+is redone like one whose actor died. ``accounting`` counts, for the run's metrics, the actors that
+went down, the calls past their deadline and the groups that had to be sent again.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,6 +27,10 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
+
+from segr1.runtime.deadlines import call_deadline
+
+log = logging.getLogger("segr1")
 
 # A retried task waits 1, 2, 4 ... seconds (at most this) so a restarting actor has time to come back.
 MAX_BACKOFF_S = 30.0
@@ -34,6 +44,7 @@ class PoolTask:
     method: str
     args: tuple
     kwargs: dict
+    work: int = 1  # groups in the call: scales its deadline, counted when redone
     attempts: int = 0
     actor_index: int | None = None
     result: Any = None
@@ -41,6 +52,8 @@ class PoolTask:
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
     not_before: float = 0.0
+    redone: bool = False
+    killed: bool = False  # its actor was killed past a deadline; the task comes back as failed
 
 
 @dataclass
@@ -48,6 +61,9 @@ class ActorStats:
     completed: int = 0
     failures: int = 0
     busy_s: float = 0.0
+    restarts: int = 0  # times the actor was seen to go down (a death, or killed past a deadline)
+    past_deadline: int = 0
+    down: bool = False  # since its last death, no call has come back
 
 
 class ActorPool:
@@ -59,6 +75,8 @@ class ActorPool:
         names: list[str],
         max_in_flight_per_actor: int = 2,
         max_attempts: int = 10,
+        deadline_s: float | None = None,
+        deadline_per_group_s: float = 0.0,
     ) -> None:
         if not actors:
             raise ValueError("an actor pool needs at least one actor")
@@ -70,6 +88,9 @@ class ActorPool:
         self.names = list(names)
         self.max_in_flight = max_in_flight_per_actor
         self.max_attempts = max_attempts
+        self.deadline_s = deadline_s
+        self.deadline_per_group_s = deadline_per_group_s
+        self.groups_redone = 0
         self._ids = itertools.count()
         self._queue: deque[PoolTask] = deque()
         self._running: dict[ray.ObjectRef, PoolTask] = {}
@@ -82,8 +103,9 @@ class ActorPool:
         """Tasks queued or running."""
         return len(self._queue) + len(self._running)
 
-    def submit(self, method: str, *args: Any, **kwargs: Any) -> PoolTask:
-        task = PoolTask(next(self._ids), method, args, kwargs)
+    def submit(self, method: str, *args: Any, work: int = 1, **kwargs: Any) -> PoolTask:
+        """Queue ``actor.method(*args, **kwargs)``; ``work``: the groups it holds."""
+        task = PoolTask(next(self._ids), method, args, kwargs, work)
         self._queue.append(task)
         self._dispatch()
         return task
@@ -99,6 +121,7 @@ class ActorPool:
         if ready:  # collect everything else that is already done too
             ready, _ = ray.wait(list(self._running), num_returns=len(self._running), timeout=0)
         finished = [task for ref in ready if (task := self._finish(ref)) is not None]
+        self._kill_late()
         self._dispatch()
         return finished
 
@@ -128,9 +151,42 @@ class ActorPool:
                 "busy_s": round(s.busy_s, 3),
                 "tasks_per_s": s.completed / s.busy_s if s.busy_s > 0 else 0.0,
                 "in_flight": self._load[i],
+                "restarts": s.restarts,
+                "past_deadline": s.past_deadline,
             }
             for i, (name, s) in enumerate(zip(self.names, self._stats))
         }
+
+    def accounting(self) -> dict[str, int]:
+        """Since the pool started: actors that went down, calls past their deadline, groups sent again."""
+        return {
+            "actor_restarts": sum(s.restarts for s in self._stats),
+            "calls_past_deadline": sum(s.past_deadline for s in self._stats),
+            "groups_redone": self.groups_redone,
+        }
+
+    def _kill_late(self) -> None:
+        """Kill every actor still on a task past its deadline; Ray restarts it, the tasks come back
+        as failed and are redone."""
+        if self.deadline_s is None:
+            return
+        now = time.monotonic()
+        for task in list(self._running.values()):
+            index = task.actor_index
+            assert index is not None
+            limit = call_deadline(self.deadline_s, self.deadline_per_group_s, task.work)
+            if task.killed or now - task.started_at <= limit:
+                continue
+            log.warning("%s: %s of %d group(s) still running after %.0f s, past its deadline: restarting the actor",
+                        self.names[index], task.method, task.work, now - task.started_at)
+            stats = self._stats[index]
+            stats.past_deadline += 1
+            stats.restarts += 1
+            stats.down = True
+            for other in self._running.values():  # they fail with it; the restarted actor must not be killed
+                if other.actor_index == index:
+                    other.killed = True
+            ray.kill(self.actors[index], no_restart=False)
 
     def _dispatch(self) -> None:
         now = time.monotonic()
@@ -165,17 +221,28 @@ class ActorPool:
             task.result = ray.get(ref)
         except RayActorError:  # died, or still restarting after a death
             stats.failures += 1
+            self._went_down(index)
             if task.attempts >= self.max_attempts:
                 raise
             self._requeue(task, index, delay=min(2.0 ** (task.attempts - 1), MAX_BACKOFF_S))
             return None
         stats.completed += 1
+        stats.down = False
         stats.busy_s += time.monotonic() - task.started_at
         task.done = True
         self._avoid.pop(task.id, None)
         return task
 
+    def _went_down(self, index: int) -> None:
+        stats = self._stats[index]
+        if not stats.down:  # the other tasks it was running fail too: one restart, not one per task
+            stats.restarts += 1
+            stats.down = True
+
     def _requeue(self, task: PoolTask, failed_index: int, delay: float) -> None:
+        if not task.redone:  # a task that fails again on a restarting actor is still one redo
+            task.redone = True
+            self.groups_redone += task.work
         self._avoid[task.id] = failed_index
         task.not_before = time.monotonic() + delay
         self._queue.appendleft(task)

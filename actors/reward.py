@@ -35,6 +35,7 @@ from segr1.core.prompts import answer_format
 from segr1.core.schema import RolloutGroup, SampleScore, rgb_image
 from segr1.core.segment import BoxSegmenter, Segmenter, masks_for_group
 from segr1.data.records import decode_image, decode_mask, encode_mask
+from segr1.runtime.deadlines import hang_if_switched, with_fault_switch
 from segr1.segmenters.settings import TINY_CHECKPOINT, Sam2Settings
 
 
@@ -61,6 +62,8 @@ class RewardSettings:
     limits: ParserLimits = field(default_factory=ParserLimits)
     max_restarts: int = 3
     max_in_flight_per_actor: int = 4
+    call_deadline_s: float = 300.0  # a scoring call's deadline (it holds one group): this plus the next
+    call_deadline_per_group_s: float = 30.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -70,6 +73,9 @@ class RewardSettings:
             (self.decode_chunk >= 0, f"decode_chunk must be >= 0, got {self.decode_chunk}"),
             (self.decode_pad_to >= 0, f"decode_pad_to must be >= 0, got {self.decode_pad_to}"),
             (self.max_in_flight_per_actor >= 1, f"max_in_flight_per_actor must be >= 1, got {self.max_in_flight_per_actor}"),
+            (self.call_deadline_s > 0, f"call_deadline_s must be > 0, got {self.call_deadline_s}"),
+            (self.call_deadline_per_group_s >= 0,
+             f"call_deadline_per_group_s must be >= 0, got {self.call_deadline_per_group_s}"),
         ]
         failed = [message for ok, message in checks if not ok]
         if failed:
@@ -188,6 +194,7 @@ class RewardActor:
         self, group: RolloutGroup, mask_ref: Any, return_masks: bool = False
     ) -> list[SampleScore]:
         """One ``SampleScore`` per completion of ``group``, in order, against the mask ``mask_ref``."""
+        hang_if_switched(self.name, "score_group")
         item = group.item
         t0 = time.perf_counter()
         image = read_image(_fetch(item.image), item.record_id)
@@ -307,6 +314,8 @@ def actor_options(
         "max_restarts": settings.max_restarts,
         "max_task_retries": 0,  # the pool retries, on another actor while this one restarts
     }
+    if (runtime_env := with_fault_switch(None)) is not None:
+        options["runtime_env"] = runtime_env
     if placement_group is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, bundle_index)
     return options
@@ -333,5 +342,6 @@ def make_reward_pool(
         )
         for i, name in enumerate(names)
     ]
-    pool = ActorPool(actors, names, settings.max_in_flight_per_actor, max_attempts=max_attempts)
+    pool = ActorPool(actors, names, settings.max_in_flight_per_actor, max_attempts=max_attempts,
+                     deadline_s=settings.call_deadline_s, deadline_per_group_s=settings.call_deadline_per_group_s)
     return RewardPool(pool)

@@ -33,6 +33,7 @@ from actors.vllm_worker import quiet_known_vllm_noise
 from segr1.core.frames import processor_bounds, processor_size
 from segr1.core.policy import ModelSettings
 from segr1.core.schema import Completion, PromptItem, RolloutGroup, rgb_image
+from segr1.runtime.deadlines import Deadline, get_within, hang_if_switched, with_fault_switch
 from segr1.runtime.ray_cluster import node_ip
 from segr1.weightsync.weight_sync import BucketPlan
 
@@ -68,7 +69,9 @@ class RolloutSettings:
     enforce_eager: bool = False
     max_restarts: int = 3
     max_in_flight_per_actor: int = 2
-    weight_sync_timeout_s: float = 1800.0
+    weight_sync_timeout_s: float = 1800.0  # also the deadline of a weight push
+    call_deadline_s: float = 600.0  # a generate call's deadline: this, plus the next per group
+    call_deadline_per_group_s: float = 60.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -79,6 +82,10 @@ class RolloutSettings:
             (self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}"),
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (self.max_in_flight_per_actor >= 1, f"max_in_flight_per_actor must be >= 1, got {self.max_in_flight_per_actor}"),
+            (self.weight_sync_timeout_s > 0, f"weight_sync_timeout_s must be > 0, got {self.weight_sync_timeout_s}"),
+            (self.call_deadline_s > 0, f"call_deadline_s must be > 0, got {self.call_deadline_s}"),
+            (self.call_deadline_per_group_s >= 0,
+             f"call_deadline_per_group_s must be >= 0, got {self.call_deadline_per_group_s}"),
         ]
         failed = [message for ok, message in checks if not ok]
         if failed:
@@ -225,6 +232,7 @@ class RolloutActor:
         """Sample ``sampling.n`` completions for each prompt; one RolloutGroup per item, in order."""
         from vllm import SamplingParams
 
+        hang_if_switched(self._name, "generate")
         if self._mixed_weights is not None:
             raise RuntimeError(f"{self._name} refuses to sample: {self._mixed_weights}")
         if not items:
@@ -298,6 +306,7 @@ class RolloutActor:
 
     def receive_weights(self, plan: BucketPlan | dict, version: int) -> int:
         """Receive one sync from the learner into every worker, then drop all derived caches."""
+        hang_if_switched(self._name, "receive_weights")
         if self._group is None:
             raise RuntimeError(f"{self._name}: receive_weights before join_weight_group")
         plan_json = plan.to_json() if isinstance(plan, BucketPlan) else plan
@@ -398,13 +407,15 @@ class RolloutPool:
             self.actors.append(remote_cls.options(**options).remote(model, settings, name, seed,
                                                                      self.tensor_parallel_size))
         attempts = {} if max_attempts is None else {"max_attempts": max_attempts}  # None: the pool's default
-        self.pool = ActorPool(self.actors, self.names, settings.max_in_flight_per_actor, **attempts)
+        self.pool = ActorPool(self.actors, self.names, settings.max_in_flight_per_actor, **attempts,
+                              deadline_s=settings.call_deadline_s,
+                              deadline_per_group_s=settings.call_deadline_per_group_s)
 
     # ------------------------------------------------------------------ rollouts
 
     def submit(self, items: list[PromptItem], sampling: SamplingSettings) -> Any:
         """Queue one batch of prompts; returns the pool task (``.result``: list[RolloutGroup])."""
-        return self.pool.submit("generate", items, sampling)
+        return self.pool.submit("generate", items, sampling, work=len(items))
 
     def poll(self, timeout: float | None = 0.0) -> list[Any]:
         return self.pool.poll(timeout)
@@ -416,9 +427,9 @@ class RolloutPool:
         if batch_size is None:
             slots = len(self.actors) * self.pool.max_in_flight
             batch_size = max(1, -(-len(items) // slots))
-        batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-        results = self.pool.map("generate", batches, sampling)
-        return [group for batch in results for group in batch]
+        tasks = [self.submit(items[i : i + batch_size], sampling) for i in range(0, len(items), batch_size)]
+        self.pool.wait_all()
+        return [group for task in tasks for group in task.result]
 
     def stats(self) -> dict[str, dict[str, float]]:
         return self.pool.stats()
@@ -449,12 +460,13 @@ class RolloutPool:
 
         return dict(zip(self.names, ray.get([a.weight_version.remote() for a in self.actors])))
 
-    def out_of_sync(self, version: int, address: tuple[str, int]) -> list[str]:
-        """Actors not at ``version`` or not in the group at ``address`` (e.g. restarted ones)."""
-        import ray
-
-        states = ray.get([a.weight_group.remote() for a in self.actors])
-        versions = ray.get([a.weight_version.remote() for a in self.actors])
+    def out_of_sync(self, version: int, address: tuple[str, int], deadline: Deadline | None = None) -> list[str]:
+        """Actors not at ``version`` or not in the group at ``address`` (e.g. restarted ones); they
+        answer after the calls queued before, all within ``deadline``."""
+        states = get_within(list(zip(self.names, [a.weight_group.remote() for a in self.actors])), deadline,
+                            "weight_group")
+        versions = get_within(list(zip(self.names, [a.weight_version.remote() for a in self.actors])), deadline,
+                              "weight_version")
         expected = (address[0], int(address[1]), self.world_size)
         return [
             name
@@ -474,7 +486,8 @@ class RolloutPool:
 
 def actor_runtime_env(runtime_env: dict | None, use_gpu: bool) -> dict:
     """The caller's runtime env plus what a rollout actor needs: this repo importable (vLLM
-    resolves the worker extension by name) and, on CPU, the in-process engine core."""
+    resolves the worker extension by name), on CPU the in-process engine core, and the tests'
+    fault switch when it is on."""
     env = dict(runtime_env or {})
     env_vars = dict(env.get("env_vars", {}))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -483,4 +496,4 @@ def actor_runtime_env(runtime_env: dict | None, use_gpu: bool) -> dict:
     if not use_gpu:
         env_vars.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     env["env_vars"] = env_vars
-    return env
+    return with_fault_switch(env)

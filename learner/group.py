@@ -25,6 +25,7 @@ from learner import checkpoint as ckpt
 from learner.inputs import MicroBatch, plan_micro_batches
 from learner.worker import LearnerRun, LearnerSettings, LearnerWorker, read_deepspeed_overrides
 from segr1.core.schema import TrainSample
+from segr1.runtime.deadlines import Deadline, call_deadline, get_within, with_fault_switch
 from segr1.runtime.ray_cluster import RolePlacement, RoleRequest, role_placement
 from segr1.runtime.storage import Storage, StorageError
 from segr1.weightsync.rendezvous import new_secret
@@ -63,6 +64,7 @@ class LearnerGroup:
         request = RoleRequest("learner", self.world_size, float(settings.num_cpus_per_worker), gpus)
         if placement is not None and placement.request != request:
             raise ValueError(f"LearnerGroup: placement {placement.request} does not match the settings' {request}")
+        self.name_prefix = name_prefix
         self._owned = placement is None
         self._placement = placement or role_placement(request)
         actor_cls = ray.remote(LearnerWorker)
@@ -72,7 +74,7 @@ class LearnerGroup:
                 num_cpus=settings.num_cpus_per_worker,
                 num_gpus=gpus,
                 scheduling_strategy=self._placement.scheduling_strategy(rank),
-                runtime_env=runtime_env,
+                runtime_env=with_fault_switch(runtime_env),
             ).remote(settings, run, rank, self.world_size)
             for rank in range(self.world_size)
         ]
@@ -94,10 +96,18 @@ class LearnerGroup:
 
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
-    def _each(self, method: str, per_rank: Sequence[Any], *args: Any) -> list[Any]:
-        import ray
+    def _each(self, method: str, per_rank: Sequence[Any], *args: Any, deadline: Deadline | None = None) -> list[Any]:
+        refs = [getattr(w, method).remote(part, *args) for w, part in zip(self.workers, per_rank)]
+        return get_within(list(zip(self.names, refs)), deadline, method)
 
-        return ray.get([getattr(w, method).remote(part, *args) for w, part in zip(self.workers, per_rank)])
+    @property
+    def names(self) -> list[str]:
+        return [f"{self.name_prefix}-{rank}" for rank in range(len(self.workers))]
+
+    def _step_deadline(self, samples: int) -> Deadline:
+        s = self.settings
+        return Deadline(call_deadline(s.step_deadline_s, s.step_deadline_per_sample_s, samples),
+                        "learner.step_deadline_s + learner.step_deadline_per_sample_s per sample")
 
     def _plan(self, samples: Sequence[TrainSample], aggregation: str) -> list[list[MicroBatch]]:
         return plan_micro_batches(list(samples), self.world_size, self.settings.micro_batch_size, aggregation)
@@ -107,12 +117,12 @@ class LearnerGroup:
     def train_step(self, samples: Sequence[TrainSample]) -> dict[str, float]:
         """One GRPO update (``iterations_per_batch`` optimizer steps) on ``samples``; batch metrics."""
         plans = self._plan(samples, self.run.loss.aggregation)
-        return combine_metrics(self._each("train_step", plans, "grpo"))
+        return combine_metrics(self._each("train_step", plans, "grpo", deadline=self._step_deadline(len(samples))))
 
     def sft_step(self, samples: Sequence[TrainSample]) -> dict[str, float]:
         """One supervised step: mean negative log-likelihood of the completion (answer) tokens."""
         plans = self._plan(samples, "token_mean")
-        return combine_metrics(self._each("train_step", plans, "sft"))
+        return combine_metrics(self._each("train_step", plans, "sft", deadline=self._step_deadline(len(samples))))
 
     def compute_logprobs(self, samples: Sequence[TrainSample]) -> list[list[float]]:
         """The current policy's log-prob of each completion token, in the order of ``samples``."""
@@ -158,15 +168,20 @@ class LearnerGroup:
 
         return ray.get(self.workers[0].weight_plan.remote())
 
-    def broadcast_weights(self, version: int) -> int:
-        """Stream the weights as ``version`` (issue the engines' receives first); returns bytes sent.
+    def broadcast_weights(
+        self, version: int, receives: Sequence[tuple[str, Any]] = (), deadline: Deadline | None = None
+    ) -> int:
+        """Stream the weights as ``version``; returns bytes sent. ``receives``: the engines'
+        ``(name, ref)`` receive calls (issue them first), waited for with the send, all within
+        ``deadline``.
 
         ``version`` may repeat the last one (a resumed job re-sends the restored version to fresh
         engines) but never go back.
         """
         if version < self.weight_version:
             raise ValueError(f"weight version must not go back: {version} after {self.weight_version}")
-        sent = self._all("broadcast_weights", version)[0]
+        sends = [(name, w.broadcast_weights.remote(version)) for name, w in zip(self.names, self.workers)]
+        sent = get_within([*sends, *receives], deadline, f"weight push to version {version}")[0]
         self.weight_version = version
         return int(sent)
 

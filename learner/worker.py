@@ -44,6 +44,7 @@ from learner.inputs import (
 from segr1.core.grpo import LossSettings, aggregate, entropy_from_logits, grpo_loss
 from segr1.core.merge import deep_merge
 from segr1.core.policy import ModelSettings
+from segr1.runtime.deadlines import hang_if_switched
 from segr1.runtime.ray_cluster import node_ip
 from segr1.runtime.storage import Storage, clear_local
 
@@ -78,6 +79,8 @@ class LearnerSettings:
     freeze_vision: bool = False
     sync_bucket_mb: int = 256
     prompt_cache_groups: int = 64
+    step_deadline_s: float = 3600.0  # a learner step's deadline: this, plus the next per sample
+    step_deadline_per_sample_s: float = 10.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -92,6 +95,8 @@ class LearnerSettings:
             (self.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (self.iterations_per_batch >= 1, "iterations_per_batch must be >= 1"),
             (self.sync_bucket_mb >= 1, "sync_bucket_mb must be >= 1"),
+            (self.step_deadline_s > 0, "step_deadline_s must be > 0"),
+            (self.step_deadline_per_sample_s >= 0, "step_deadline_per_sample_s must be >= 0"),
             (self.prompt_cache_groups >= 1, "prompt_cache_groups must be >= 1"),
         ]
         failed = [message for ok, message in checks if not ok]
@@ -206,6 +211,12 @@ def _bind_gloo_to(address: str) -> None:
     raise ValueError(f"no network interface holds this node's address {address}; set GLOO_SOCKET_IFNAME")
 
 
+def _actor_name(outside_ray: str) -> str:
+    import ray
+
+    return (ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None) or outside_ray
+
+
 class LearnerWorker:
     """One rank of the learner; plain class, wrapped as a Ray actor by ``LearnerGroup``."""
 
@@ -216,6 +227,7 @@ class LearnerWorker:
         self.settings = settings
         self.run = run
         self.rank = rank
+        self._actor_name = _actor_name(f"learner-{rank}")  # the fault switch's name for this rank
         self.world_size = world_size
         self.engine: Any = None
         self.reference: Any = None
@@ -418,6 +430,7 @@ class LearnerWorker:
         """
         if objective not in ("grpo", "sft"):
             raise ValueError(f"unknown objective {objective!r}; expected 'grpo' or 'sft'")
+        hang_if_switched(self._actor_name, "train_step")
         start = time.perf_counter()
         batches = self._batches(micro_batches)
         refs = [self._reference_logprobs(b) if objective == "grpo" else None for b in batches]

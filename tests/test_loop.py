@@ -113,6 +113,9 @@ class FakeWeightSync:
         return self.version
 
 
+NO_FAULTS = {"actor_restarts": 0, "calls_past_deadline": 0, "groups_redone": 0}
+
+
 class FakeRolloutPool:
     """``versions``: weight version a group comes back with; ``hold(gid)``: keep it in flight for now."""
 
@@ -120,8 +123,8 @@ class FakeRolloutPool:
         self.weights, self.versions, self.hold = weights, versions or {}, hold
         self.running, self.polls = [], 0
 
-    def submit(self, method, items, sampling):
-        assert method == "generate"
+    def submit(self, method, items, sampling, work):
+        assert method == "generate" and work == len(items)
         self.running.append(SimpleNamespace(args=(items, sampling), version=self.weights.version, result=None,
                                             deadline=time.monotonic() + WAIT_S))
 
@@ -142,6 +145,10 @@ class FakeRolloutPool:
             task.result = [RolloutGroup(item, [1, 2, 3], self._completions(sampling.n),
                                         self.versions.get(item.group_id, task.version)) for item in items]
         return done
+
+    @staticmethod
+    def accounting():
+        return NO_FAULTS
 
     @staticmethod
     def _completions(n):
@@ -172,6 +179,10 @@ class FakeRewardPool:
                 self.scored.add(gid)
                 self.changed.notify_all()
         return done
+
+    @staticmethod
+    def accounting():
+        return NO_FAULTS
 
     def wait_scored(self, gids, timeout):
         with self.changed:

@@ -86,13 +86,17 @@ def test_the_summary_says_steps_reward_trend_time_and_places(tmp_path):
     assert text.splitlines() == [
         "run summary: 25 of 40 steps (resumed at step 12) in 1h02m",
         "  reward: 0.2 (mean of the first 10) -> 0.7 (mean of the last 10)",
+        "  faults: 0 actor restart(s), 0 call(s) past their deadline, 0 group(s) redone",
         "  metrics     /run/metrics.jsonl",
         "  checkpoint  /run/checkpoints/step_25",
         "  export      /run/export",
     ]
-    short = run_summary([{"step": 1, "reward": 0.25}, {"step": 2, "reward": 0.75}], 2, 2, 12.34, {})
+    faults = {"actor_restarts": 1, "calls_past_deadline": 1, "groups_redone": 2}  # step 1's, summed with step 2's
+    short = run_summary([{"step": 1, "reward": 0.25, **faults}, {"step": 2, "reward": 0.75, "groups_redone": 3}],
+                        2, 2, 12.34, {})
     assert short.splitlines() == ["run summary: 2 steps in 12.3s",
-                                  "  reward: 0.25 (mean of the first 1) -> 0.75 (mean of the last 1)"]
+                                  "  reward: 0.25 (mean of the first 1) -> 0.75 (mean of the last 1)",
+                                  "  faults: 1 actor restart(s), 1 call(s) past their deadline, 5 group(s) redone"]
     assert "no training step logged" in run_summary([], 0, 2, 65.0, {})
 
 

@@ -1,13 +1,15 @@
-"""ActorPool on a real local Ray cluster: load spreading, ordering, retry after an actor dies."""
+"""ActorPool on a real local Ray cluster: load spreading, ordering, retry after an actor dies or hangs."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import ray
 
 from actors.pool import ActorPool
+from segr1.runtime.deadlines import HANG_DIR_ENV, hang_if_switched
 
 pytestmark = pytest.mark.slow
 
@@ -18,6 +20,7 @@ class Squarer:
         self.name = name
 
     def square(self, x: int, crash_marker: str | None = None) -> tuple[int, str]:
+        hang_if_switched(self.name, "square")
         if crash_marker is not None and not os.path.exists(crash_marker):
             open(crash_marker, "w").close()
             os._exit(1)  # a hard crash, as a segfaulting SAM2 or an OOM kill would look
@@ -58,6 +61,38 @@ def test_task_of_a_dead_actor_is_redone_elsewhere(ray_cluster, tmp_path):
     assert [t.result[0] for t in tasks] == [x * x for x in range(8)]
     assert tasks[3].attempts == 2
     assert sum(s["failures"] for s in pool.stats().values()) == 1  # no retry storm while it restarts
+
+
+def test_deadline_a_hung_call_restarts_its_actor_and_is_redone_elsewhere(ray_cluster, tmp_path):
+    """The tests' fault switch makes sq-0's next call hang; past its deadline (1 s + 0.5 s per group
+    of work) the pool kills sq-0, Ray restarts it, and the call and the one queued behind it on sq-0
+    are redone; every result comes back once."""
+    names = ["sq-0", "sq-1"]
+    env = {"env_vars": {HANG_DIR_ENV: str(tmp_path)}}
+    actors = [Squarer.options(runtime_env=env).remote(name) for name in names]
+    pool = ActorPool(actors, names, max_in_flight_per_actor=2, deadline_s=1.0, deadline_per_group_s=0.5)
+    pid_before = ray.get(actors[0].pid.remote())
+    (tmp_path / "sq-0.square").touch()
+    started = time.monotonic()
+    tasks = [pool.submit("square", x, work=2) for x in range(8)]
+    pool.wait_all(timeout_per_poll=0.1)
+    assert [t.result[0] for t in tasks] == [x * x for x in range(8)]
+    assert time.monotonic() - started > 2.0  # the hung call was given its whole deadline of 1 + 2 x 0.5 s
+    assert not (tmp_path / "sq-0.square").exists()  # the switch fired once; the restarted sq-0 answers
+    assert ray.get(actors[0].pid.remote()) != pid_before
+    accounting = pool.accounting()
+    assert accounting["actor_restarts"] == 1 and accounting["calls_past_deadline"] == 1
+    assert accounting["groups_redone"] in (2, 4)  # the hung call's 2 groups, and those queued behind it
+    assert pool.stats()["sq-0"]["past_deadline"] == 1 and pool.stats()["sq-1"]["restarts"] == 0
+
+
+def test_a_death_counts_one_restart_and_its_redone_groups(ray_cluster, tmp_path):
+    pool = make_pool(1, max_in_flight_per_actor=2)
+    marker = str(tmp_path / "crashed")
+    tasks = [pool.submit("square", x, crash_marker=marker if x == 0 else None, work=3) for x in range(4)]
+    pool.wait_all()
+    assert [t.result[0] for t in tasks] == [x * x for x in range(4)]
+    assert pool.accounting() == {"actor_restarts": 1, "calls_past_deadline": 0, "groups_redone": 6}
 
 
 def test_application_errors_are_raised_not_swallowed(ray_cluster):

@@ -24,6 +24,7 @@ from learner.worker import LearnerRun
 from segr1.config import Config, config_dict, resolve_model
 from segr1.config.tools import write_yaml
 from segr1.data import ShardReader, read_manifest, write_synth
+from segr1.runtime.deadlines import Deadline
 from segr1.runtime.ray_cluster import RoleRequest, connect, place_roles
 from segr1.runtime.storage import Storage, StorageError
 from segr1.train.console import Console
@@ -100,12 +101,12 @@ class WeightSync:
         """Send the learner's weights to every engine as the next version (``new``), or as the
         current one again (a resumed run's fresh engines); returns the version."""
         version = self.version + 1 if new else self.version
-        if self.rollout.out_of_sync(self.version, self.address):
+        deadline = Deadline(self.rollout.settings.weight_sync_timeout_s, "rollout.weight_sync_timeout_s")
+        if self.rollout.out_of_sync(self.version, self.address, deadline):
             log.warning("re-forming the weight group: a rollout engine restarted or joined late")
             self._form()
         receives = self.rollout.receive_weights(self.plan, version)
-        self.learner.broadcast_weights(version)
-        ray.get(receives)
+        self.learner.broadcast_weights(version, list(zip(self.rollout.names, receives)), deadline)
         return version
 
 

@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 WINDOW = 10  # steps in the summary's "first" and "last" means and in the curve's running mean
+# Each step's count of what went wrong in the rollout and reward pools (the trainer logs them).
+ACCOUNTING = ("actor_restarts", "calls_past_deadline", "groups_redone")
 SIZE = (900, 420)
 MARGIN = (70, 40, 20, 50)  # left, top, right, bottom
 RAW_COLOR = (160, 190, 230)
@@ -80,6 +82,9 @@ def run_summary(
     else:
         lines.append(f"  reward: {trend.first:.4g} (mean of the first {trend.window}) -> {trend.last:.4g} "
                      f"(mean of the last {trend.window})")
+    restarts, late, redone = (int(sum(series(records, key)[1])) for key in ACCOUNTING)
+    lines.append(f"  faults: {restarts} actor restart(s), {late} call(s) past their deadline, "
+                 f"{redone} group(s) redone")
     width = max(len(name) for name in places) if places else 0
     lines += [f"  {name.ljust(width)}  {where}" for name, where in places.items()]
     return "\n".join(lines)

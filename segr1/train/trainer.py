@@ -76,6 +76,7 @@ class Trainer:
         self._started = time.monotonic() if started is None else started
         self._resumed_from: int | None = None
         self._last_checkpoint: str | None = None
+        self._accounted: dict[str, int] = {}  # the pools' counts at the last step's end
 
     @property
     def version(self) -> int:
@@ -88,6 +89,7 @@ class Trainer:
         self._install_stop_handlers()
         trainer = self.cfg.trainer
         last: dict[str, float] = {}
+        self._accounted = self.pipeline.accounting()
         self.monitor.start(self.step)
         if trainer.mode == "async":
             self._submit(self.step)
@@ -163,6 +165,7 @@ class Trainer:
             step_s=synced - started,
             samples_per_s=len(samples) / max(synced - started, 1e-9),
             weight_version=self.version,
+            **self._faults_since_last_step(),
         )
         self.monitor.log_step(self.step + 1, metrics)
         if self._due(trainer.sample_every, offset=1):
@@ -228,6 +231,13 @@ class Trainer:
             while not future.done() and self.pipeline.pending:
                 self._ready.extend(self.pipeline.pump(timeout=0.05))
             return dict(future.result())
+
+    def _faults_since_last_step(self) -> dict[str, int]:
+        """Actor restarts, calls past their deadline and groups redone in the pools since the last step."""
+        now = self.pipeline.accounting()
+        since = {key: now[key] - self._accounted[key] for key in now}
+        self._accounted = now
+        return since
 
     def _batch_metrics(self, batch: Batch) -> dict[str, float]:
         scores = [s for g in batch.groups for s in g.group.scores]
