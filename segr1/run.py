@@ -12,6 +12,7 @@ import sys
 
 from segr1.config import Config, command_parser, parse_command
 from segr1.config.tools import Alias, ConfigError
+from segr1.runtime.deadlines import DeadlineExceeded
 from segr1.runtime.storage import StorageError
 
 ALIASES = [
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(config)
-    except StorageError as exc:  # e.g. an output_dir the learner's node cannot see: say what to do
+    except (StorageError, DeadlineExceeded) as exc:  # an output_dir the learner cannot see, a hung call
         print(f"segr1.run: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -393,6 +394,27 @@ def test_tokens_leave_out_the_filler_of_a_rank_with_less_work(ray_local, tiny_qw
         group.shutdown()
     assert metrics["tokens"] == _real_tokens(tiny_processor, samples)
     assert metrics["completion_tokens"] == 9 + 3 + 2
+
+
+@pytest.mark.slow
+def test_deadline_a_hung_learner_step_stops_naming_the_rank_and_the_call(
+    ray_local, tiny_qwen_dir, grpo_batch, tmp_path, monkeypatch
+):
+    from learner.group import LearnerGroup
+    from segr1.runtime.deadlines import HANG_DIR_ENV, DeadlineExceeded
+
+    monkeypatch.setenv(HANG_DIR_ENV, str(tmp_path))  # the tests' fault switch, carried by the new ranks
+    settings = replace(_settings(2), num_workers=1, step_deadline_s=3.0, step_deadline_per_sample_s=0.5)
+    group = LearnerGroup(settings, _run(tiny_qwen_dir, LossSettings()), name_prefix="test-deadline")
+    try:
+        (tmp_path / "test-deadline-0.train_step").touch()
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match=r"^train_step: no answer from test-deadline-0 within 6 s "
+                                                   r"\(learner.step_deadline_s \+ learner.step_deadline_per_sample_s"):
+            group.train_step(grpo_batch)  # 6 samples: 3 s + 6 x 0.5 s
+        assert 6 <= time.monotonic() - started < 20
+    finally:
+        group.shutdown()
 
 
 @pytest.mark.slow

@@ -109,36 +109,6 @@ def test_a_run_on_s3_checkpoints_exports_and_resumes_there(ray_cluster, s3_uri):
     assert run.exists("reward_curve.png") and run.exists("logs/driver.log")  # uploaded with the other logs
 
 
-def test_async_job_survives_a_killed_reward_actor(ray_cluster, tmp_path):
-    config = tiny_config(tmp_path, "--trainer.mode", "async", "--trainer.steps", "3",
-                         "--learner.lr", "1e-4", "--learner.lr_schedule", "cosine", "--learner.min_lr_ratio", "0.1")
-    job = build_job(config, tmp_path)
-    reward_actor = ray.get_actor("reward-0")
-    pid_before = ray.get(reward_actor.info.remote())["pid"]
-
-    def kill_after_first_step() -> None:
-        deadline = time.monotonic() + 600
-        while not metric_lines(tmp_path) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        ray.kill(reward_actor, no_restart=False)
-
-    killer = threading.Thread(target=kill_after_first_step, daemon=True)
-    killer.start()
-    try:
-        job.trainer.fit()
-        killer.join(timeout=5)
-        pid_after = ray.get(reward_actor.info.remote())["pid"]
-    finally:
-        job.shutdown()
-    train = [line for line in metric_lines(tmp_path) if "reward" in line]
-    assert [line["step"] for line in train] == [1, 2, 3]
-    assert all(line["staleness"] <= 1 for line in train)
-    assert train[-1]["weight_version"] == 3
-    # The cosine spans the run's 3 optimizer steps: 0.1 + 0.9 x (1 + cos(pi k / 3)) / 2 of lr, k = 1..3.
-    assert [line["lr"] for line in train] == pytest.approx([0.775e-4, 0.325e-4, 0.1e-4])
-    assert pid_after != pid_before  # the run went on with a restarted reward actor
-
-
 def listening(pids: dict[str, int]) -> dict[str, set[tuple[str, int]]]:
     """The LISTEN sockets of each named process."""
     import psutil
