@@ -197,8 +197,8 @@ def test_ray_job_submit_stop_and_resume(head, tmp_path):
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     deadline = time.monotonic() + 480
     while len(metric_lines(out)) < 2:
-        status = head.job_cli(["status", job_id]).stdout
-        assert "FAILED" not in status, head.job_cli(["logs", job_id]).stdout[-4000:]
+        status = head.job_cli(["status", job_id])  # the CLI prints the status on stderr
+        assert f"Job '{job_id}' failed" not in status.stdout + status.stderr, head.job_cli(["logs", job_id]).stdout[-4000:]
         assert time.monotonic() < deadline, "the job made no progress"
         time.sleep(2)
     assert head.job_cli(["stop", job_id]).returncode == 0
