@@ -463,10 +463,10 @@ class RolloutPool:
     def out_of_sync(self, version: int, address: tuple[str, int], deadline: Deadline | None = None) -> list[str]:
         """Actors not at ``version`` or not in the group at ``address`` (e.g. restarted ones); they
         answer after the calls queued before, all within ``deadline``."""
-        states = get_within(list(zip(self.names, [a.weight_group.remote() for a in self.actors])), deadline,
-                            "weight_group")
-        versions = get_within(list(zip(self.names, [a.weight_version.remote() for a in self.actors])), deadline,
-                              "weight_version")
+        asked = [(name, a.weight_group.remote()) for name, a in zip(self.names, self.actors)]
+        asked += [(name, a.weight_version.remote()) for name, a in zip(self.names, self.actors)]
+        answers = get_within(asked, deadline, "weight_group and weight_version")  # one wait for both
+        states, versions = answers[: len(self.actors)], answers[len(self.actors) :]
         expected = (address[0], int(address[1]), self.world_size)
         return [
             name

@@ -70,7 +70,7 @@ class LearnerGroup:
         actor_cls = ray.remote(LearnerWorker)
         self.workers = [
             actor_cls.options(
-                name=f"{name_prefix}-{rank}",
+                name=self.names[rank],
                 num_cpus=settings.num_cpus_per_worker,
                 num_gpus=gpus,
                 scheduling_strategy=self._placement.scheduling_strategy(rank),
@@ -102,7 +102,8 @@ class LearnerGroup:
 
     @property
     def names(self) -> list[str]:
-        return [f"{self.name_prefix}-{rank}" for rank in range(len(self.workers))]
+        """The ranks' actor names, ``<name_prefix>-<rank>``."""
+        return [f"{self.name_prefix}-{rank}" for rank in range(self.world_size)]
 
     def _step_deadline(self, samples: int) -> Deadline:
         s = self.settings

@@ -5,8 +5,8 @@ stall a job forever without a word. Every rollout and reward call has a deadline
 groups in it (``call_deadline(base, per_group, groups)``); ``actors.pool.ActorPool`` kills an
 actor past it, Ray restarts it and the call is redone. A weight push or a learner step past its
 deadline cannot be redone elsewhere (every rank holds a part of the one model): ``get_within``
-raises ``DeadlineExceeded`` naming the actors and the call (``Deadline`` also names its setting), and the job stops with its last
-checkpoint as it was.
+raises ``DeadlineExceeded`` naming the actors, the call and the setting (``Deadline``), and the
+job stops with its last checkpoint as it was.
 
 The fault switch is for tests only. With ``$SEGR1_TEST_HANG_DIR`` set (the roles' runtime env
 carries it, ``with_fault_switch``), a call checks for a file named ``<actor>.<call>`` there (for
