@@ -10,6 +10,10 @@ A restartable actor that dies answers ``ActorUnavailableError`` until Ray has re
 takes as long as loading its model), so retries back off exponentially: with the default
 ``max_attempts`` a task keeps trying for about two and a half minutes before the error is raised.
 
+A pool made with ``drop_dead`` holds actors that are never restarted (elastic rollout engines,
+which go with their nodes): an actor that dies is retired for good and its tasks go to the others
+at once; ``add`` brings in new ones.
+
 A task has a deadline when the pool has one: ``deadline_s`` plus ``deadline_per_group_s`` for each
 group of its ``work``. An actor still on a task past it is killed (Ray restarts it) and the task
 is redone like one whose actor died. ``accounting`` counts, for the run's metrics, the actors that
@@ -64,6 +68,8 @@ class ActorStats:
     restarts: int = 0  # times the actor was seen to go down (a death, or killed past a deadline)
     past_deadline: int = 0
     down: bool = False  # since its last death, no call has come back
+    groups: int = 0  # the work of the calls it completed
+    retired: bool = False  # dead for good (a drop_dead pool): it gets no more work
 
 
 class ActorPool:
@@ -77,6 +83,7 @@ class ActorPool:
         max_attempts: int = 10,
         deadline_s: float | None = None,
         deadline_per_group_s: float = 0.0,
+        drop_dead: bool = False,
     ) -> None:
         if not actors:
             raise ValueError("an actor pool needs at least one actor")
@@ -90,6 +97,7 @@ class ActorPool:
         self.max_attempts = max_attempts
         self.deadline_s = deadline_s
         self.deadline_per_group_s = deadline_per_group_s
+        self.drop_dead = drop_dead
         self.groups_redone = 0
         self._ids = itertools.count()
         self._queue: deque[PoolTask] = deque()
@@ -102,6 +110,23 @@ class ActorPool:
     def pending(self) -> int:
         """Tasks queued or running."""
         return len(self._queue) + len(self._running)
+
+    @property
+    def live(self) -> list[str]:
+        """The names of the actors that still get work (all of them, unless some were retired)."""
+        return [name for name, s in zip(self.names, self._stats) if not s.retired]
+
+    def add(self, actor: Any, name: str) -> None:
+        """A new actor, given work from now on."""
+        self.actors.append(actor)
+        self.names.append(name)
+        self._load.append(0)
+        self._stats.append(ActorStats())
+        self._dispatch()
+
+    def retire(self, name: str) -> None:
+        """Give ``name`` no more work (it is dead); what it was running comes back as failed."""
+        self._stats[self.names.index(name)].retired = True
 
     def submit(self, method: str, *args: Any, work: int = 1, **kwargs: Any) -> PoolTask:
         """Queue ``actor.method(*args, **kwargs)``; ``work``: the groups it holds."""
@@ -153,6 +178,8 @@ class ActorPool:
                 "in_flight": self._load[i],
                 "restarts": s.restarts,
                 "past_deadline": s.past_deadline,
+                "groups": s.groups,
+                "retired": s.retired,
             }
             for i, (name, s) in enumerate(zip(self.names, self._stats))
         }
@@ -206,7 +233,7 @@ class ActorPool:
             self._load[index] += 1
 
     def _least_loaded(self, avoid: int | None) -> int | None:
-        free = [i for i, load in enumerate(self._load) if load < self.max_in_flight]
+        free = [i for i, load in enumerate(self._load) if load < self.max_in_flight and not self._stats[i].retired]
         if len(free) > 1 and avoid in free:
             free.remove(avoid)  # prefer another actor while the failed one restarts
         return min(free, key=lambda i: self._load[i]) if free else None
@@ -222,11 +249,18 @@ class ActorPool:
         except RayActorError:  # died, or still restarting after a death
             stats.failures += 1
             self._went_down(index)
+            if self.drop_dead:  # it will not come back: the others take its work now
+                if not stats.retired:
+                    log.warning("%s is gone: its calls are redone on the other actors", self.names[index])
+                stats.retired = True
+                self._requeue(task, index, delay=0.0)
+                return None
             if task.attempts >= self.max_attempts:
                 raise
             self._requeue(task, index, delay=min(2.0 ** (task.attempts - 1), MAX_BACKOFF_S))
             return None
         stats.completed += 1
+        stats.groups += task.work
         stats.down = False
         stats.busy_s += time.monotonic() - task.started_at
         task.done = True

@@ -21,11 +21,13 @@ refuses other values (``segr1.config.validate``); evaluation samples as it likes
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import threading
 import zlib
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 
@@ -33,9 +35,11 @@ from actors.vllm_worker import quiet_known_vllm_noise
 from segr1.core.frames import processor_bounds, processor_size
 from segr1.core.policy import ModelSettings
 from segr1.core.schema import Completion, PromptItem, RolloutGroup, rgb_image
-from segr1.runtime.deadlines import Deadline, get_within, hang_if_switched, with_fault_switch
+from segr1.runtime.deadlines import Deadline, DeadlineExceeded, get_within, hang_if_switched, with_fault_switch
 from segr1.runtime.ray_cluster import node_ip
 from segr1.weightsync.weight_sync import BucketPlan
+
+log = logging.getLogger("segr1")
 
 WORKER_EXTENSION = "actors.vllm_worker.WeightSyncWorkerExtension"
 
@@ -56,7 +60,9 @@ class RolloutSettings:
     training samples' (``sampling()``); evaluation brings its own ``SamplingSettings``.
     """
 
-    num_actors: int = 1
+    num_actors: int | Literal["auto"] = 1  # "auto": elastic, between min_actors and max_actors
+    min_actors: int = 1
+    max_actors: int = 8
     num_gpus_per_actor: int = 1
     num_cpus_per_actor: float = 1.0
     group_size: int = 4
@@ -75,7 +81,10 @@ class RolloutSettings:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.num_actors >= 1, f"num_actors must be >= 1, got {self.num_actors}"),
+            (self.num_actors == "auto" or (isinstance(self.num_actors, int) and self.num_actors >= 1),
+             f"num_actors must be >= 1 or auto, got {self.num_actors}"),
+            (1 <= self.min_actors <= self.max_actors,
+             f"min_actors must be >= 1 and <= max_actors, got {self.min_actors} and {self.max_actors}"),
             (self.num_gpus_per_actor >= 1, f"num_gpus_per_actor must be >= 1 (it is the tensor-parallel size on "
              f"GPUs), got {self.num_gpus_per_actor}"),
             (self.num_cpus_per_actor > 0, f"num_cpus_per_actor must be > 0, got {self.num_cpus_per_actor}"),
@@ -90,6 +99,21 @@ class RolloutSettings:
         failed = [message for ok, message in checks if not ok]
         if failed:
             raise ValueError("RolloutSettings: " + "; ".join(failed))
+
+    @property
+    def elastic(self) -> bool:
+        """``num_actors: auto``: the job starts engines as the cluster gives room and loses them with their nodes."""
+        return self.num_actors == "auto"
+
+    @property
+    def first_actors(self) -> int:
+        """The engines a pool starts with: ``min_actors`` when elastic."""
+        return self.min_actors if self.num_actors == "auto" else self.num_actors
+
+    @property
+    def most_actors(self) -> int:
+        """The most engines there will be: ``max_actors`` when elastic."""
+        return self.max_actors if self.num_actors == "auto" else self.num_actors
 
     def sampling(self) -> SamplingSettings:
         """How training samples: ``group_size`` completions per prompt."""
@@ -347,12 +371,20 @@ def _to_pil(item: PromptItem, image: Any) -> Any:
 
 
 class RolloutPool:
-    """N rollout actors (``{prefix}-0..N-1``), each in its own placement-group bundle.
+    """Rollout actors (``{prefix}-0``, ``{prefix}-1`` ...), each in a placement-group bundle of its own.
 
     Prompt batches go to the least-loaded actor; a batch whose actor dies is resubmitted to
     another (or to the restarted one). A restarted actor comes back at version 0 and outside
     the weight group: ``out_of_sync`` names it, and the driver re-forms the group (fresh
     address from the sender, new world size) and pushes the current weights to everyone.
+
+    Elastic (``num_actors: auto``): each engine has a one-bundle placement group of its own and
+    is never restarted (it goes with its node). The pool starts ``min_actors`` engines and always
+    has one more placement asked for, up to ``max_actors``: a pending group is what the autoscaler
+    adds a node for. ``refresh``, run before each weight push, drops the engines that died (their
+    groups were already redone by the ``ActorPool``), starts an engine where the asked placement
+    came free and admits those that have loaded; the push brings them to the current weights and
+    ``open_admitted`` gives them work.
     """
 
     def __init__(
@@ -367,49 +399,181 @@ class RolloutPool:
         runtime_env: dict | None = None,
         name_prefix: str = "rollout",
     ) -> None:
-        """``settings.num_actors`` engines of ``model``. ``placement``: the rollout role's
+        """``settings.first_actors`` engines of ``model``. ``placement``: the rollout role's
         ``segr1.runtime.ray_cluster.RolePlacement`` (one bundle per actor, each holding
         ``num_gpus_per_actor`` GPUs on GPU clusters); without one the pool places itself, asking for
         GPUs when the cluster has any (or as ``use_gpu`` says). An engine's tensor-parallel size is
-        the GPUs of its bundle, 1 on CPU."""
+        the GPUs of its bundle, 1 on CPU. An elastic pool always places itself."""
         import ray
 
         from actors.pool import ActorPool
         from segr1.runtime.ray_cluster import RoleRequest, role_placement
 
-        num_actors = settings.num_actors
-        self._owns_placement = placement is None
+        self.model, self.settings, self.seed = model, settings, seed
+        self.elastic = settings.elastic
+        self._runtime_env = runtime_env
+        self._name_prefix = name_prefix
+        self._numbers = itertools.count()  # names are never reused: a dead engine's may still be taken
+        self._placement_numbers = itertools.count()
+        if placement is not None and self.elastic:
+            raise ValueError("an elastic rollout pool (num_actors: auto) places each engine itself")
         if placement is None:
             if use_gpu is None:
                 use_gpu = ray.cluster_resources().get("GPU", 0) > 0
             gpus = float(settings.num_gpus_per_actor) if use_gpu else 0.0
-            placement = role_placement(RoleRequest("rollout", num_actors, settings.num_cpus_per_actor, gpus))
-        if len(placement.bundles) != num_actors:
-            raise ValueError(f"{num_actors} rollout actors but the placement has {len(placement.bundles)} bundles")
-        self.placement = placement
-        self.settings = settings
-        self.names = [f"{name_prefix}-{i}" for i in range(num_actors)]
-        gpus = placement.bundles[0].get("GPU", 0.0)
+            self._request = RoleRequest("rollout", 1, settings.num_cpus_per_actor, gpus)  # one engine's
+        self._owned: list[Any] = []  # the placements this pool made and removes
+        self._slots: dict[str, tuple[Any, int]] = {}  # engine name -> (placement, bundle index)
+        if self.elastic:
+            slots = [(self._own(role_placement(self._request, name=self._placement_name())), 0)
+                     for _ in range(settings.first_actors)]
+        else:
+            if placement is None:
+                placement = self._own(role_placement(replace(self._request, count=settings.num_actors)))
+            if len(placement.bundles) != settings.num_actors:
+                raise ValueError(f"{settings.num_actors} rollout actors but the placement has "
+                                 f"{len(placement.bundles)} bundles")
+            slots = [(placement, i) for i in range(settings.num_actors)]
+        gpus = slots[0][0].bundles[0].get("GPU", 0.0)
         # tp GPUs for a tensor-parallel engine; one engine alone may share a GPU (0 < gpus < 1)
         self.tensor_parallel_size = max(1, int(gpus))
-        remote_cls = ray.remote(RolloutActor)
-        self.actors = []
-        for i, name in enumerate(self.names):
-            options = dict(
-                name=name,
-                num_cpus=placement.bundles[i].get("CPU", 0.0),
-                num_gpus=gpus,
-                max_restarts=settings.max_restarts,
-                max_task_retries=0,  # the pool resubmits, so a call never runs twice behind its back
-                runtime_env=actor_runtime_env(runtime_env, use_gpu=gpus > 0),
-                scheduling_strategy=placement.scheduling_strategy(i),
-            )
-            self.actors.append(remote_cls.options(**options).remote(model, settings, name, seed,
-                                                                     self.tensor_parallel_size))
+        started = [self._start_engine(*slot) for slot in slots]
+        self.names = [name for name, _ in started]
+        self.actors = [actor for _, actor in started]
         attempts = {} if max_attempts is None else {"max_attempts": max_attempts}  # None: the pool's default
         self.pool = ActorPool(self.actors, self.names, settings.max_in_flight_per_actor, **attempts,
                               deadline_s=settings.call_deadline_s,
-                              deadline_per_group_s=settings.call_deadline_per_group_s)
+                              deadline_per_group_s=settings.call_deadline_per_group_s, drop_dead=self.elastic)
+        self._loading: list[tuple[str, Any, Any]] = []  # elastic: (name, actor, ready ref) still starting
+        self._admitted: list[tuple[str, Any]] = []  # elastic: in the weight group, not yet given work
+        self._asked: Any = None  # elastic: the pending placement of the next engine
+        if self.elastic:
+            self._ask()
+
+    def _own(self, placement: Any) -> Any:
+        self._owned.append(placement)
+        return placement
+
+    def _placement_name(self) -> str:
+        return f"segr1-{self._name_prefix}-{next(self._placement_numbers)}"
+
+    def _start_engine(self, placement: Any, bundle: int) -> tuple[str, Any]:
+        import ray
+
+        name = f"{self._name_prefix}-{next(self._numbers)}"
+        gpus = placement.bundles[bundle].get("GPU", 0.0)
+        actor = ray.remote(RolloutActor).options(
+            name=name,
+            num_cpus=placement.bundles[bundle].get("CPU", 0.0),
+            num_gpus=gpus,
+            max_restarts=0 if self.elastic else self.settings.max_restarts,  # elastic: replaced, not restarted
+            max_task_retries=0,  # the pool resubmits, so a call never runs twice behind its back
+            runtime_env=actor_runtime_env(self._runtime_env, use_gpu=gpus > 0),
+            scheduling_strategy=placement.scheduling_strategy(bundle),
+        ).remote(self.model, self.settings, name, self.seed, self.tensor_parallel_size)
+        self._slots[name] = (placement, bundle)
+        return name, actor
+
+    # ------------------------------------------------------------------ elastic engines
+
+    @property
+    def engines(self) -> int:
+        """Engines that get work now."""
+        return len(self.pool.live)
+
+    def refresh(self, deadline: Deadline | None = None) -> None:
+        """Elastic: drop the dead engines, start one where the asked placement came free, admit the
+        ones that have loaded and ask for the next placement. It waits only when no engine is left
+        (then until one has loaded, within ``deadline``)."""
+        import time
+
+        self._drop_dead(deadline)
+        give_up = time.monotonic() + (deadline.seconds if deadline else float("inf"))
+        while True:
+            self._start_where_placed()
+            self._admit_loaded()
+            self._ask()
+            if self.actors:
+                return
+            if time.monotonic() > give_up:
+                assert deadline is not None
+                raise DeadlineExceeded(
+                    f"rollout: no engine left and none loaded within {deadline.seconds:.0f} s ({deadline.setting}); "
+                    "the cluster has no room for one (rollout.num_cpus_per_actor, rollout.num_gpus_per_actor)"
+                )
+            time.sleep(1.0)
+
+    def open_admitted(self) -> None:
+        """Give work to the engines the last push brought to the current weights."""
+        for name, actor in self._admitted:
+            self.pool.add(actor, name)
+            log.info("rollout: %s gets work (%d engines)", name, self.engines)
+        self._admitted = []
+
+    def _drop_dead(self, deadline: Deadline | None) -> None:
+        """Forget the engines that died: those the pool retired, and those that do not answer a probe
+        because they are gone (an idle engine's death shows only when it is asked)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        live = set(self.pool.live) | {name for name, _ in self._admitted}
+        probes = {name: actor.weight_version.remote() for name, actor in zip(self.names, self.actors) if name in live}
+        ray.wait(list(probes.values()), num_returns=len(probes), timeout=deadline.seconds if deadline else None)
+        for name, probe in probes.items():
+            try:
+                ray.get(probe, timeout=0)
+            except RayActorError:
+                live.discard(name)
+            except ray.exceptions.GetTimeoutError:
+                pass  # busy past the deadline: the push's own wait will name it
+        for name in [n for n in self.names if n not in live]:
+            index = self.names.index(name)
+            del self.names[index], self.actors[index]
+            self._admitted = [(n, a) for n, a in self._admitted if n != name]
+            if name in self.pool.names:
+                self.pool.retire(name)
+            self._release(name)
+            log.warning("rollout: %s is gone (its node left or it died); %d engines left", name, len(self.actors))
+
+    def _start_where_placed(self) -> None:
+        if self._asked is not None and self._asked.is_ready():
+            placement, self._asked = self._asked, None
+            name, actor = self._start_engine(placement, 0)
+            self._loading.append((name, actor, actor.weight_version.remote()))  # answers once loaded
+            log.info("rollout: room for one more engine: starting %s", name)
+
+    def _admit_loaded(self) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        for entry in list(self._loading):
+            name, actor, ready = entry
+            if not ray.wait([ready], timeout=0)[0]:
+                continue
+            self._loading.remove(entry)
+            try:
+                ray.get(ready)
+            except RayActorError as exc:  # its node left while it loaded, or the engine failed to start
+                log.warning("rollout: %s did not start (%s)", name, str(exc).splitlines()[0])
+                self._release(name)
+                continue
+            self.names.append(name)
+            self.actors.append(actor)
+            self._admitted.append((name, actor))
+            log.info("rollout: %s has loaded; it joins the weight group at this push", name)
+
+    def _ask(self) -> None:
+        """Keep one placement asked for while the pool is below ``max_actors``."""
+        from segr1.runtime.ray_cluster import pending_placement
+
+        if self._asked is None and len(self.actors) + len(self._loading) < self.settings.max_actors:
+            self._asked = self._own(pending_placement(self._request, name=self._placement_name()))
+
+    def _release(self, name: str) -> None:
+        """Free a dead engine's placement: Ray would otherwise reschedule it on another node."""
+        placement, _ = self._slots.pop(name)
+        placement.remove()
+        self._owned.remove(placement)
 
     # ------------------------------------------------------------------ rollouts
 
@@ -425,7 +589,7 @@ class RolloutPool:
     ) -> list[RolloutGroup]:
         """Every item's group, in input order, spread over the actors in batches."""
         if batch_size is None:
-            slots = len(self.actors) * self.pool.max_in_flight
+            slots = self.engines * self.pool.max_in_flight
             batch_size = max(1, -(-len(items) // slots))
         tasks = [self.submit(items[i : i + batch_size], sampling) for i in range(0, len(items), batch_size)]
         self.pool.wait_all()
@@ -475,13 +639,14 @@ class RolloutPool:
         ]
 
     def shutdown(self) -> None:
-        """Kill the actors (no restart) and free the placement if the pool made it."""
+        """Kill the actors (no restart), those still loading too, and free the placements the pool made."""
         import ray
 
-        for actor in self.actors:
+        for actor in self.actors + [actor for _, actor, _ in self._loading]:
             ray.kill(actor, no_restart=True)
-        if self._owns_placement:
-            self.placement.remove()
+        for placement in self._owned:
+            placement.remove()
+        self._owned = []
 
 
 def actor_runtime_env(runtime_env: dict | None, use_gpu: bool) -> dict:

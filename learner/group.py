@@ -23,10 +23,10 @@ from typing import Any
 
 from learner import checkpoint as ckpt
 from learner.inputs import MicroBatch, plan_micro_batches
-from learner.worker import LearnerRun, LearnerSettings, LearnerWorker, read_deepspeed_overrides
+from learner.worker import GAP, LearnerRun, LearnerSettings, LearnerWorker, read_deepspeed_overrides
 from segr1.core.schema import TrainSample
 from segr1.runtime.deadlines import Deadline, call_deadline, get_within, with_fault_switch
-from segr1.runtime.ray_cluster import RolePlacement, RoleRequest, role_placement
+from segr1.runtime.ray_cluster import RolePlacement, RoleRequest, node_ip, role_placement
 from segr1.runtime.storage import Storage, StorageError
 from segr1.weightsync.rendezvous import new_secret
 
@@ -45,9 +45,12 @@ class LearnerGroup:
         placement: RolePlacement | None = None,
         name_prefix: str = "learner",
         use_gpu: bool | None = None,
+        wait: bool = True,
     ) -> None:
         """``placement``: the learner's bundles from ``place_roles`` (the job's way, which the caller
-        removes); without one the group reserves its own PACK group and removes it on shutdown."""
+        removes); without one the group reserves its own PACK group and removes it on shutdown.
+        ``wait=False`` returns while the ranks set up (DeepSpeed, the model) so the caller can start
+        the engines meanwhile, then calls ``ready()``; calls made before it queue behind the setup."""
         import ray
 
         if not ray.is_initialized():
@@ -83,11 +86,26 @@ class LearnerGroup:
         self.secret = new_secret()
         try:
             addr, port = ray.get(self.workers[0].master_address.remote(self.secret))
-            self.info = ray.get([w.setup.remote(addr, port, self.secret) for w in self.workers])
         except Exception:
             self.shutdown()
             raise
+        self._setting_up = [w.setup.remote(addr, port, self.secret) for w in self.workers]
+        self.info: list[dict[str, Any]] = []
         self.weight_version = 0
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        """Wait until every rank has set up; on an error the ranks are shut down and it is raised."""
+        import ray
+
+        if self.info:
+            return
+        try:
+            self.info = ray.get(self._setting_up)
+        except Exception:
+            self.shutdown()
+            raise
 
     # ------------------------------------------------------------------ helpers
 
@@ -189,14 +207,20 @@ class LearnerGroup:
     # ------------------------------------------------------------------ checkpoints
 
     def check_storage(self, location: str | Path) -> None:
-        """Prove every rank reads what this process writes under ``location``; raise StorageError
-        naming the location and the rank otherwise (call it before training, not after a day)."""
+        """Prove every rank's node reads what this process writes under ``location``; raise
+        StorageError naming the location and the rank otherwise (call it before training, not after
+        a day). It runs as a task in each rank's bundle, so it answers while the ranks still set up."""
         import ray
 
         storage = Storage(location)
         probe, token = storage.write_probe()
+        check = ray.remote(num_cpus=0)(_check_probe)
         try:
-            self._all("check_storage", storage.location, probe, token)
+            ray.get([
+                check.options(scheduling_strategy=self._placement.scheduling_strategy(rank)).remote(
+                    storage.location, probe, token, f"learner rank {rank}")
+                for rank in range(self.world_size)
+            ])
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, StorageError):
                 raise StorageError(str(exc.cause)) from None
@@ -247,6 +271,11 @@ class LearnerGroup:
         self._placement = None
 
 
+def _check_probe(location: str, probe: str, token: str, who: str) -> None:
+    """A task on a rank's node: read the driver's probe under ``location`` (or raise StorageError)."""
+    Storage(location).check_probe(probe, token, who=f"{who} on node {node_ip()}")
+
+
 def combine_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """Batch metrics from the ranks' share-weighted sums; tokens per second over the slowest rank."""
     out: dict[str, float] = {}
@@ -254,6 +283,9 @@ def combine_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
         values = [r[name] for r in per_rank if name in r]
         if values:
             out[name] = float(sum(values))
+    gaps = [r[GAP] for r in per_rank if GAP in r]
+    if gaps:
+        out[GAP] = max(gaps)
     seconds = max(r["seconds"] for r in per_rank)
     tokens = sum(r["tokens"] for r in per_rank)
     out.update({

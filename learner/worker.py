@@ -50,6 +50,10 @@ from segr1.runtime.storage import Storage, clear_local
 
 LR_SCHEDULES = ("constant", "cosine")
 
+# The largest |learner - engine| log-prob of a sampled token, before the step's update: about 0 when
+# the engines hold the learner's weights (staleness 0), so a broken weight sync shows at once.
+GAP = "logprob_gap_max"
+
 
 @dataclass(frozen=True)
 class LearnerSettings:
@@ -420,7 +424,10 @@ class LearnerWorker:
         else:
             with torch.no_grad():
                 entropy = entropy_from_logits(logits)
-        return grpo_loss(logp, batch.behavior_logprobs, ref_logp, batch.advantages, mask, loss_settings, entropy)
+        loss, metrics = grpo_loss(logp, batch.behavior_logprobs, ref_logp, batch.advantages, mask, loss_settings,
+                                  entropy)
+        metrics[GAP] = float(((logp.detach() - batch.behavior_logprobs).abs() * mask).max())
+        return loss, metrics
 
     def train_step(self, micro_batches: list[MicroBatch], objective: str = "grpo") -> dict[str, float]:
         """``iterations_per_batch`` optimizer steps over this rank's micro-batches.
@@ -436,12 +443,16 @@ class LearnerWorker:
         refs = [self._reference_logprobs(b) if objective == "grpo" else None for b in batches]
         iterations = self.settings.iterations_per_batch if objective == "grpo" else 1
         sums: dict[str, float] = {}
+        gap = 0.0
         grad_norm = lr = float("nan")
-        for _ in range(iterations):
+        for iteration in range(iterations):
             for i, (micro, batch, ref) in enumerate(zip(micro_batches, batches, refs)):
                 self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
                 loss, metrics = self._micro_loss(micro, batch, ref, objective)
                 self.engine.backward(loss * (micro.share * self.world_size), scale_wrt_gas=False)
+                if iteration == 0:  # before this batch moved the weights: the engines' and the learner's
+                    gap = max(gap, metrics.get(GAP, 0.0))
+                metrics.pop(GAP, None)
                 for name, value in metrics.items():
                     sums[name] = sums.get(name, 0.0) + micro.share * value / iterations
             lr = float(self.engine.get_lr()[0])  # this step's rate: step() moves the schedule on
@@ -452,6 +463,7 @@ class LearnerWorker:
         completion = sum(b.completion_mask.sum().item() for m, b in zip(micro_batches, batches) if not m.is_filler)
         return {
             **sums,
+            **({GAP: gap} if objective == "grpo" else {}),
             "grad_norm": grad_norm,
             "tokens": float(tokens),
             "completion_tokens": float(completion),
@@ -522,11 +534,6 @@ class LearnerWorker:
         return self.sender
 
     # ------------------------------------------------------------------ checkpoints
-
-    def check_storage(self, location: str, probe: str, token: str) -> None:
-        """All ranks: prove this rank reads what the driver wrote under ``location`` (or raise)."""
-
-        Storage(location).check_probe(probe, token, who=f"learner rank {self.rank} on node {node_ip()}")
 
     def save_checkpoint(self, location: str, name: str) -> None:
         """All ranks: write engine states and this rank's RNG as ``name.tmp`` under ``location``.

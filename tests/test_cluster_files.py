@@ -8,6 +8,7 @@ import re
 import shlex
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -272,6 +273,10 @@ def test_role_requests_follow_the_config_and_drop_gpus_only_when_told():
     assert on_gpus == {"rollout": (3, 0.25, 2.0), "reward": (2, 0.5, 0.5), "learner": (4, 0.75, 1.0)}
     on_cpu = {r.role: (r.count, r.num_cpus, r.num_gpus) for r in role_requests(config, use_gpus=False)}
     assert on_cpu == {"rollout": (3, 0.25, 0.0), "reward": (2, 0.5, 0.0), "learner": (4, 0.75, 0.0)}
+    elastic = load_config("tiny", ["--rollout.num_actors", "auto", "--rollout.min_actors", "2"]).rollout
+    assert (elastic.elastic, elastic.first_actors, elastic.most_actors) == (True, 2, 8)
+    # An elastic pool places each engine itself, one placement group per engine.
+    assert [r.role for r in role_requests(replace(config, rollout=elastic), use_gpus=True)] == ["reward", "learner"]
 
 
 # ------------------------------------------------------------------ placement on a real local Ray

@@ -38,7 +38,9 @@ def test_overrides_in_all_three_spellings_with_yaml_typed_values():
     ("overrides", "message"),
     [
         (["--rollout.num_actor", "8"], r"rollout: unknown key\(s\) \['num_actor'\]"),
-        (["--rollout.num_actors", "many"], "rollout.num_actors: expected int"),
+        (["--rollout.num_actors", "many"], r"rollout.num_actors: expected int, got 'many'; or 'many' is not one of \['auto'\]"),
+        (["--rollout.num_actors", "auto", "--rollout.min_actors", "3", "--rollout.max_actors", "2"],
+         "rollout.min_actors must be >= 1 and <= max_actors, got 3 and 2"),
         (["--trainer.mode", "eager"], "trainer.mode: 'eager' is not one of"),
         (["--rollout.group_size", "1"], "rollout.group_size must be >= 2"),
         (["--trainer.mode", "async", "--trainer.max_staleness", "0"], "max_staleness must be >= 1 in async"),

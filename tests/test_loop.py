@@ -150,6 +150,12 @@ class FakeRolloutPool:
     def accounting():
         return NO_FAULTS
 
+    live = ["fake-rollout"]  # one engine that never goes away
+
+    @staticmethod
+    def stats():
+        return {"fake-rollout": {"groups": 0, "retired": False}}
+
     @staticmethod
     def _completions(n):
         return [Completion([7, 8], "<think></think>", [-0.5, -0.5], "stop") for _ in range(n)]

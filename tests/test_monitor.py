@@ -92,11 +92,13 @@ def test_the_summary_says_steps_reward_trend_time_and_places(tmp_path):
         "  export      /run/export",
     ]
     faults = {"actor_restarts": 1, "calls_past_deadline": 1, "groups_redone": 2}  # step 1's, summed with step 2's
+    engines = {"rollout-0": {"groups": 7, "retired": True}, "rollout-1": {"groups": 9, "retired": False}}
     short = run_summary([{"step": 1, "reward": 0.25, **faults}, {"step": 2, "reward": 0.75, "groups_redone": 3}],
-                        2, 2, 12.34, {})
+                        2, 2, 12.34, {}, engines=engines)
     assert short.splitlines() == ["run summary: 2 steps in 12.3s",
                                   "  reward: 0.25 (mean of the first 1) -> 0.75 (mean of the last 1)",
-                                  "  faults: 1 actor restart(s), 1 call(s) past their deadline, 5 group(s) redone"]
+                                  "  faults: 1 actor restart(s), 1 call(s) past their deadline, 5 group(s) redone",
+                                  "  rollout engines (groups made): rollout-0 (gone) 7, rollout-1 9"]
     assert "no training step logged" in run_summary([], 0, 2, 65.0, {})
 
 

@@ -120,3 +120,27 @@ def test_pool_rejects_bad_construction():
         ActorPool([], [])
     with pytest.raises(ValueError, match="max_in_flight_per_actor"):
         ActorPool([object()], ["a"], max_in_flight_per_actor=0)
+
+
+def mortal(name: str):
+    """A Squarer that is never restarted, as an elastic rollout engine is not."""
+    return Squarer.options(max_restarts=0).remote(name)
+
+
+def test_a_drop_dead_pool_retires_a_dead_actor_and_gives_its_work_to_one_added_later(ray_cluster, tmp_path):
+    """The only actor dies: its calls wait (nothing is lost) until an actor is added, which does them all."""
+    pool = ActorPool([mortal("m-0")], ["m-0"], max_in_flight_per_actor=2, drop_dead=True)
+    marker = str(tmp_path / "crashed")
+    tasks = [pool.submit("square", x, crash_marker=marker if x == 0 else None, work=1) for x in range(4)]
+    deadline = time.monotonic() + 60
+    while pool.live:
+        pool.poll(0.1)
+        assert time.monotonic() < deadline, "the dead actor was never retired"
+    assert pool.stats()["m-0"]["retired"] and pool.pending == 4 - sum(t.done for t in tasks)
+    pool.add(mortal("m-1"), "m-1")
+    pool.wait_all(timeout_per_poll=0.1)
+    assert [t.result[0] for t in tasks] == [x * x for x in range(4)]
+    assert {t.result[1] for t in tasks if t.redone} == {"m-1"}
+    stats = pool.stats()
+    assert pool.live == ["m-1"] and stats["m-0"]["groups"] + stats["m-1"]["groups"] == 4
+    assert pool.accounting()["actor_restarts"] == 1

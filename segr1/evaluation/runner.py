@@ -17,6 +17,7 @@ pools retry a call whose actor died.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import islice
 from typing import Any
 
@@ -52,6 +53,8 @@ class RayPredictor:
         self.limits = reward.limits
         self.processor = load_processor(model.path, model.min_pixels, model.max_pixels)
         self.bounds = processor_bounds(self.processor)  # the engines resize with the same ones
+        # An evaluation does not follow the cluster: an elastic setting means its first engines.
+        rollout = replace(rollout, num_actors=rollout.first_actors)
         self.rollout_pool = RolloutPool(model, rollout, seed=evaluation.seed, name_prefix="eval-rollout")
         self.reward_pool = make_reward_pool(sam2, reward, name_prefix="eval-reward")
         self.pipeline = Pipeline(self.rollout_pool.pool, self.reward_pool.pool, self.sampling,

@@ -198,6 +198,12 @@ class RolePlacement:
     placement_group: PlacementGroup
     bundles: list[dict[str, float]]
     strategy: str
+    ready_ref: Any = None  # the group's ready() object: one per group, however often is_ready asks
+
+    def is_ready(self) -> bool:
+        """Whether Ray has reserved every bundle (a pending group is what the autoscaler scales for)."""
+        ready, _ = ray.wait([self.ready_ref], timeout=0)
+        return bool(ready)
 
     def bundle_index(self, actor_index: int) -> int:
         if not 0 <= actor_index < len(self.bundles):
@@ -220,24 +226,33 @@ class RolePlacement:
         remove_placement_group(self.placement_group)
 
 
-def role_placement(request: RoleRequest, timeout_s: float = 300.0, strategy: str | None = None) -> RolePlacement:
+def role_placement(
+    request: RoleRequest, timeout_s: float = 300.0, strategy: str | None = None, name: str | None = None
+) -> RolePlacement:
     """Create the role's placement group and wait until Ray has reserved every bundle.
 
     The default timeout leaves the autoscaler time to boot GPU nodes. On timeout the pending group
     is removed (it would otherwise grab resources later) and ``PlacementError`` says what was asked
     for and what the cluster has.
     """
+    placement = pending_placement(request, strategy, name)
+    ready, _ = ray.wait([placement.ready_ref], timeout=timeout_s)
+    if not ready:
+        placement.remove()
+        raise PlacementError(_placement_failure(request, placement.bundles[0], placement.strategy, timeout_s))
+    return placement
+
+
+def pending_placement(request: RoleRequest, strategy: str | None = None, name: str | None = None) -> RolePlacement:
+    """The role's placement group as asked for, not waited on (``is_ready`` tells); ``name``: the
+    group's, ``segr1-<role>`` by default (Ray wants names unique while their groups live)."""
     strategy = strategy or DEFAULT_STRATEGY[request.role]
     if strategy not in STRATEGIES:
         raise ValueError(f"{request.role}: strategy {strategy!r} is not one of {list(STRATEGIES)}")
     bundle = bundle_for(request, ray.cluster_resources())
     bundles = [dict(bundle) for _ in range(request.count)]
-    group = placement_group(bundles, strategy=strategy, name=f"segr1-{request.role}")
-    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
-    if not ready:
-        remove_placement_group(group)
-        raise PlacementError(_placement_failure(request, bundle, strategy, timeout_s))
-    return RolePlacement(request, group, bundles, strategy)
+    group = placement_group(bundles, strategy=strategy, name=name or f"segr1-{request.role}")
+    return RolePlacement(request, group, bundles, strategy, group.ready())
 
 
 def place_roles(requests: list[RoleRequest], timeout_s: float = 300.0) -> dict[str, RolePlacement]:

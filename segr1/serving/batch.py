@@ -6,7 +6,7 @@ what ``--out`` already holds is left out: ``predictions.jsonl`` has one line per
 written after its mask, so a run stopped anywhere redoes at most the images in flight. Ray Data
 reads the images (``read_binary_files`` or ``read_parquet``) and streams them through two
 autoscaling actor pools, which grow as the cluster has room: ``PolicyStage`` (a vLLM engine each, up
-to ``rollout.num_actors``) and ``MaskStage`` (SAM2, up to ``reward.num_actors``). Each image is
+to ``rollout.num_actors``, or from ``min_actors`` to ``max_actors`` when it is ``auto``) and ``MaskStage`` (SAM2, up to ``reward.num_actors``). Each image is
 answered as ``segr1 serve`` answers it (``segr1.serving.answer``). An image that cannot be read, or
 whose query is bad, gets a line with its ``error`` and no mask, and the run goes on.
 """
@@ -189,10 +189,10 @@ class MaskStage:
         return {"id": batch["id"], "answer": np.array(answers, dtype=object), "mask_png": np.array(masks, dtype=object)}
 
 
-def _pool_size(actors: int) -> int | tuple[int, int]:
-    """Ray Data's ``concurrency``: an autoscaling pool of 1 up to ``actors``, which grows as the
-    cluster has room (nodes the autoscaler adds included)."""
-    return actors if actors == 1 else (1, actors)
+def _pool_size(actors: int, fewest: int = 1) -> int | tuple[int, int]:
+    """Ray Data's ``concurrency``: an autoscaling pool of ``fewest`` up to ``actors``, which grows as
+    the cluster has room (nodes the autoscaler adds included)."""
+    return actors if actors == fewest else (fewest, actors)
 
 
 def stages(ds: Any, config: Config, batch_size: int) -> Any:
@@ -203,7 +203,7 @@ def stages(ds: Any, config: Config, batch_size: int) -> Any:
     policy_gpus, sam2_gpus = model_gpus(config, ray.cluster_resources().get("GPU", 0))
     ds = ds.map_batches(
         PolicyStage, fn_constructor_args=(config, max(1, int(policy_gpus))), batch_size=batch_size,
-        batch_format="numpy", concurrency=_pool_size(rollout.num_actors), num_cpus=rollout.num_cpus_per_actor,
+        batch_format="numpy", concurrency=_pool_size(rollout.most_actors, rollout.min_actors if rollout.elastic else 1), num_cpus=rollout.num_cpus_per_actor,
         num_gpus=policy_gpus, runtime_env=actor_runtime_env(None, use_gpu=policy_gpus > 0),
     )
     return ds.map_batches(MaskStage, fn_constructor_args=(config,), batch_size=batch_size, batch_format="numpy",

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from actors.pipeline import IssuedPrompt, Pipeline, prompts_per_call
+from actors.pipeline import IssuedPrompt, Pipeline
 from actors.reward import make_reward_pool
 from actors.rollout import RolloutPool
 from learner.group import LearnerGroup
@@ -99,14 +99,18 @@ class WeightSync:
 
     def push(self, new: bool = True) -> int:
         """Send the learner's weights to every engine as the next version (``new``), or as the
-        current one again (a resumed run's fresh engines); returns the version."""
+        current one again (a resumed run's fresh engines, an elastic pool's new ones); returns the
+        version. An elastic pool first drops its dead engines and admits the ones that loaded."""
         version = self.version + 1 if new else self.version
         deadline = Deadline(self.rollout.settings.weight_sync_timeout_s, "rollout.weight_sync_timeout_s")
+        if self.rollout.elastic:
+            self.rollout.refresh(deadline)
         if self.rollout.out_of_sync(self.version, self.address, deadline):
-            log.warning("re-forming the weight group: a rollout engine restarted or joined late")
+            log.warning("re-forming the weight group: a rollout engine restarted, joined or left")
             self._form()
         receives = self.rollout.receive_weights(self.plan, version)
         self.learner.broadcast_weights(version, list(zip(self.rollout.names, receives)), deadline)
+        self.rollout.open_admitted()
         return version
 
 
@@ -119,13 +123,15 @@ def role_requests(config: Config, use_gpus: bool) -> list[RoleRequest]:
     def gpus(n: float) -> float:
         return float(n) if use_gpus else 0.0
 
+    rollout, reward, learner = config.rollout, config.reward, config.learner
+    # An elastic rollout pool places each engine itself, as the cluster gives room.
+    engines = [] if rollout.elastic else [
+        RoleRequest("rollout", rollout.num_actors, rollout.num_cpus_per_actor, gpus(rollout.num_gpus_per_actor))
+    ]
     return [
-        RoleRequest("rollout", config.rollout.num_actors, config.rollout.num_cpus_per_actor,
-                    gpus(config.rollout.num_gpus_per_actor)),
-        RoleRequest("reward", config.reward.num_actors, config.reward.num_cpus_per_actor,
-                    gpus(config.reward.num_gpus_per_actor)),
-        RoleRequest("learner", config.learner.num_workers, config.learner.num_cpus_per_worker,
-                    gpus(config.learner.num_gpus_per_worker)),
+        *engines,
+        RoleRequest("reward", reward.num_actors, reward.num_cpus_per_actor, gpus(reward.num_gpus_per_actor)),
+        RoleRequest("learner", learner.num_workers, learner.num_cpus_per_worker, gpus(learner.num_gpus_per_worker)),
     ]
 
 
@@ -224,7 +230,8 @@ def _start_roles(
     placements = place_roles(role_requests(config, use_gpus))
     run = LearnerRun(config.model, config.grpo, seed=config.trainer.seed,
                      decay_steps=config.trainer.steps * config.learner.iterations_per_batch)  # the run's optimizer steps
-    learner = LearnerGroup(config.learner, run, placement=placements["learner"], use_gpu=use_gpus)
+    # The ranks set up (DeepSpeed, the model) while the engines and SAM2 load: the roles start side by side.
+    learner = LearnerGroup(config.learner, run, placement=placements["learner"], use_gpu=use_gpus, wait=False)
     try:  # before the engines start: a location the learner cannot see fails in seconds
         learner.check_storage(storage.location)
     except StorageError:
@@ -232,14 +239,12 @@ def _start_roles(
         for placement in placements.values():
             placement.remove()
         raise
-    rollout = RolloutPool(config.model, config.rollout, seed=config.trainer.seed, placement=placements["rollout"])
+    rollout = RolloutPool(config.model, config.rollout, seed=config.trainer.seed, placement=placements.get("rollout"),
+                          use_gpu=use_gpus)
     reward = make_reward_pool(config.sam2, config.reward, placement_group=placements["reward"].placement_group)
+    learner.ready()
     weights = WeightSync(learner, rollout)
-    pipeline = Pipeline(
-        rollout.pool, reward.pool, config.rollout.sampling(),
-        prompts_per_call(config.trainer.prompts_per_step, config.rollout.num_actors,
-                         config.rollout.max_in_flight_per_actor),
-    )
+    pipeline = Pipeline(rollout.pool, reward.pool, config.rollout.sampling(), prompts_per_call=None)  # over the live engines
     trainer = Trainer(config, pipeline, learner, weights, source, eval_prompts, monitor, storage.location,
                       fetch=ray.get, started=started)
     return trainer, (rollout, reward, learner, list(placements.values()))

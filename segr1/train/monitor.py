@@ -22,7 +22,8 @@ from segr1.train.tracking import Tracker, open_trackers
 log = logging.getLogger("segr1")
 
 # The figures of the one-line summary, in order; everything else goes to the files and the dashboard.
-HEADLINE = ("reward", "iou", "kl", "loss", "step_s", "samples_per_s", "weight_version", "eval_reward", "eval_iou")
+HEADLINE = ("reward", "iou", "kl", "loss", "step_s", "samples_per_s", "weight_version", "rollout_engines", "eval_reward",
+            "eval_iou")
 
 
 @dataclass

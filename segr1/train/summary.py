@@ -68,10 +68,12 @@ class RewardTrend:
 
 def run_summary(
     records: list[dict], step: int, total_steps: int, wall_s: float, places: dict[str, str],
-    resumed_from: int | None = None,
+    resumed_from: int | None = None, engines: dict[str, dict] | None = None,
 ) -> str:
-    """The lines the job prints at its end: steps, reward first -> last, wall time, and where
-    each of the run's outputs is (``places``: name -> location, in order)."""
+    """The lines the job prints at its end: steps, reward first -> last, wall time, faults, the
+    groups each rollout engine made in this process (``engines``: the pool's stats; an elastic
+    run's engines come and go) and where each of the run's outputs is (``places``: name ->
+    location, in order)."""
     done = f"{step} of {total_steps} steps" if step < total_steps else f"{step} steps"
     if resumed_from:
         done += f" (resumed at step {resumed_from})"
@@ -85,6 +87,9 @@ def run_summary(
     restarts, late, redone = (int(sum(series(records, key)[1])) for key in ACCOUNTING)
     lines.append(f"  faults: {restarts} actor restart(s), {late} call(s) past their deadline, "
                  f"{redone} group(s) redone")
+    if engines:
+        made = [f"{name}{' (gone)' if stats.get('retired') else ''} {int(stats['groups'])}" for name, stats in engines.items()]
+        lines.append(f"  rollout engines (groups made): {', '.join(made)}")
     width = max(len(name) for name in places) if places else 0
     lines += [f"  {name.ljust(width)}  {where}" for name, where in places.items()]
     return "\n".join(lines)

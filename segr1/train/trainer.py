@@ -44,6 +44,7 @@ class Batch:
     groups: list[ScoredPrompt]
     dropped_stale: int = 0
     dropped_zero_variance: int = 0
+    refilled: int = 0  # prompts sent after the step's own, to replace groups dropped (or lost)
 
 
 class Trainer:
@@ -117,7 +118,7 @@ class Trainer:
         self._upload_logs()
         self.monitor.close_bar()
         log.info("%s", run_summary(records, self.step, self.cfg.trainer.steps, time.monotonic() - self._started,
-                                   self._places(), self._resumed_from))
+                                   self._places(), self._resumed_from, engines=self.pipeline.rollout.stats()))
 
     def _places(self) -> dict[str, str]:
         """Where the run's outputs are: the driver's files (on a URI, uploaded beside the
@@ -165,6 +166,7 @@ class Trainer:
             step_s=synced - started,
             samples_per_s=len(samples) / max(synced - started, 1e-9),
             weight_version=self.version,
+            rollout_engines=len(self.pipeline.rollout.live),
             **self._faults_since_last_step(),
         )
         self.monitor.log_step(self.step + 1, metrics)
@@ -186,17 +188,19 @@ class Trainer:
         """The step's groups, dropping stale and (optionally) zero-variance ones and refilling."""
         want = self.cfg.trainer.prompts_per_step
         batch = Batch(groups=[])
-        refills = 0
         while len(batch.groups) < want:
+            if not self.pipeline.rollout.live:  # elastic, every engine gone: wait for a new one, bring it up to date
+                log.warning("step %d: no rollout engine left; waiting for one to load", self.step + 1)
+                self.weights.push(new=False)
             if not self._ready and not self.pipeline.pending:
-                if refills >= 4 * want:
+                if batch.refilled >= 4 * want:
                     raise RuntimeError(
-                        f"step {self.step}: only {len(batch.groups)} usable groups after {refills} "
+                        f"step {self.step}: only {len(batch.groups)} usable groups after {batch.refilled} "
                         f"refills ({batch.dropped_stale} stale, {batch.dropped_zero_variance} zero-variance)"
                     )
                 missing = want - len(batch.groups)
                 self.pipeline.submit(self.source.next(missing), self._sampling(self.step))
-                refills += missing
+                batch.refilled += missing
             self._ready.extend(self.pipeline.pump(timeout=0.5))
             while self._ready and len(batch.groups) < want:
                 self._keep_or_drop(self._ready.pop(0), batch)
@@ -257,6 +261,7 @@ class Trainer:
             "staleness": float(np.mean([self.version - v for v in versions])),
             "dropped_stale": batch.dropped_stale,
             "dropped_zero_variance": batch.dropped_zero_variance,
+            "groups_refilled": batch.refilled,
             "zero_variance_groups": float(zero_variance_groups(torch.tensor(rewards)).sum()),
         }
 
