@@ -26,7 +26,7 @@ def main(gcs_address: str, num_cpus: str, resources: str, temp_dir: str) -> None
     params = ray._private.parameter.RayParams(
         gcs_address=gcs_address, node_ip_address="127.0.0.1", num_cpus=float(num_cpus), num_gpus=0,
         resources=json.loads(resources), object_store_memory=256 << 20, temp_dir=temp_dir,
-        min_worker_port=0, max_worker_port=0, node_manager_port=0, include_log_monitor=False,
+        min_worker_port=0, max_worker_port=0, node_manager_port=0, include_log_monitor=True,
         dashboard_agent_listen_port=None,
     )
     node = ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)

@@ -2,7 +2,8 @@
 on a node of its own (a second raylet), jobs sent with ``ray job submit``.
 
 What one-host tests could not show: checkpoints are found and read by the learner's ranks (not on
-the driver's disk), a driver killed outright is resumed from the last periodic checkpoint, and a
+the driver's disk), a driver killed outright is resumed from the last periodic checkpoint, a job
+stopped with ``ray job stop`` saves before it ends and resumes from there, and a
 ``trainer.output_dir`` the learner's node cannot see stops the job at start-up with a message
 naming it, instead of training for a day and losing every checkpoint. The "cannot see" node runs in
 a private mount namespace with an empty tmpfs over the run's folder.
@@ -76,39 +77,85 @@ def driver_of(run: Path) -> psutil.Process:
     raise AssertionError(f"no driver process runs segr1.run for {run}")
 
 
-def test_a_killed_driver_resumes_on_a_cluster_from_its_last_periodic_checkpoint(head, tmp_path):
-    """The driver SIGKILLed after step 3 (no final checkpoint, no export; checkpoints every 2 steps):
-    ``--resume`` continues from step 2 with the learner on its own node, step 3 is done again once,
-    and the metrics hold each of the 4 steps once."""
+def test_a_killed_driver_resumes_from_its_last_periodic_checkpoint_and_a_stopped_one_saves_first(head, tmp_path):
+    """With the learner on a node of its own, as a user drives it with ``ray job submit``:
+
+    1. the driver SIGKILLed after step 3 (checkpoints every 2 steps): no final checkpoint, no export;
+    2. ``--resume`` continues from step 2; ``ray job stop`` after its step 5 lets the driver finish
+       its step, checkpoint and export (SIGTERM, given time by cluster/runtime_env.yaml);
+    3. ``--resume`` once more finishes the run: every step is in the metrics once, and the console
+       holds segr1's lines while the roles' output, the learner's from its node too, is in logs/.
+    """
     node = start_ray_node(head, num_cpus=1, resources={"learner_node": 1})
     try:
         run = tmp_path / "run"
-        job = [*TINY_JOB, "--trainer.checkpoint_every", "2", "--trainer.output_dir", str(run), "--trainer.steps", "4",
-               "--resume"]
-        submitted = head.job_cli(["submit", "--no-wait", "--submission-id", "killed-driver", "--runtime-env",
-                                  str(RUNTIME_ENV), "--", *job])
-        assert submitted.returncode == 0, output(submitted)
-        deadline = time.monotonic() + 480
-        while 3 not in steps_logged(run):
-            assert time.monotonic() < deadline, output(head.job_cli(["logs", "killed-driver"]))
-            time.sleep(0.1)
+        job = [*TINY_JOB, "--trainer.checkpoint_every", "2", "--trainer.output_dir", str(run), "--resume"]
+        submit(head, "killed", [*job, "--trainer.steps", "40"])
+        wait_until(head, "killed", lambda: 3 in steps_logged(run))
         driver_of(run).kill()  # SIGKILL: no handler runs, nothing is flushed or saved
-        deadline = time.monotonic() + 120
-        while "Job 'killed-driver' failed" not in (status := output(head.job_cli(["status", "killed-driver"]))):
-            assert time.monotonic() < deadline, f"the job of a killed driver did not end: {status}"
-            time.sleep(1)
+        wait_until(head, "killed", lambda: job_state(head, "killed") == "failed", timeout_s=120, every_s=2)
         assert (run / "checkpoints" / "latest").read_text().strip() == "step_2"
         assert not (run / "export").exists()
         assert learner_nodes(head) == {node_id_with(head, "learner_node")}  # not the driver's head
 
-        again = head.submit(job, runtime_env=RUNTIME_ENV, timeout_s=600)
+        submit(head, "stopped", [*job, "--trainer.steps", "40"])
+        wait_until(head, "stopped", lambda: 5 in steps_logged(run))
+        assert head.job_cli(["stop", "stopped"]).returncode == 0
+        wait_until(head, "stopped", lambda: (run / "export" / "model.safetensors").exists())  # after its checkpoint
+        done = steps_logged(run)[-1]
+        assert done < 40 and (run / "checkpoints" / "latest").read_text().strip() == f"step_{done}"
+        assert "resumed at step 2" in head.job_cli(["logs", "stopped"]).stdout
+
+        again = head.submit([*job, "--trainer.steps", str(done + 1)], runtime_env=RUNTIME_ENV, timeout_s=600)
         assert again.returncode == 0, output(again)
-        assert "resumed at step 2" in again.stdout + again.stderr, output(again)  # anywhere, not only the tail
-        assert steps_logged(run) == [1, 2, 3, 4]
-        assert (run / "checkpoints" / "latest").read_text().strip() == "step_4"
-        assert (run / "export" / "model.safetensors").is_file()
+        assert f"resumed at step {done}" in again.stdout + again.stderr, output(again)  # anywhere, not only the tail
+        assert steps_logged(run) == list(range(1, done + 2))
+        assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{done + 1}"
+        check_console(again.stdout + again.stderr, run)
     finally:
         node.stop()
+
+
+def submit(head: RayHead, job_id: str, entrypoint: list[str]) -> None:
+    submitted = head.job_cli(["submit", "--no-wait", "--submission-id", job_id, "--runtime-env", str(RUNTIME_ENV),
+                              "--", *entrypoint])
+    assert submitted.returncode == 0, output(submitted)
+
+
+def job_state(head: RayHead, job_id: str) -> str:
+    """``running``, ``succeeded``, ``failed`` or ``stopped``, from ``ray job status``."""
+    text = output(head.job_cli(["status", job_id]))  # where the CLI prints it depends on the terminal
+    return next((state for state in ("succeeded", "failed", "stopped") if f"Job '{job_id}' {state}" in text), "running")
+
+
+def wait_until(head: RayHead, job_id: str, ready, timeout_s: float = 480, every_s: float = 0.1) -> None:
+    """Until ``ready()``, or fail with the job's log (a ``ready`` that asks the CLI, a core-second
+    each time, wants a longer ``every_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < deadline, output(head.job_cli(["logs", job_id]))
+        time.sleep(every_s)
+
+
+# What the roles print that the console must not show (it goes to <run>/logs): vLLM's engine
+# arguments, DeepSpeed's accelerator note, and what used to repeat: the processor's deprecated
+# min/max_pixels warning, vLLM's set_num_threads warning and its reload's "Failed to load weights".
+CHATTER = ("non-default args", "Setting accelerator to CPU", "set_num_threads", "Failed to load weights",
+           "Passing `min_pixels` and `max_pixels`")
+
+
+def check_console(console: str, out: Path) -> None:
+    """segr1's lines and the run's summary on the console; the roles' output in files under logs/."""
+    assert "run summary:" in console and "reward:" in console and str(out / "export") in console
+    shown = [text for text in CHATTER if text in console]
+    assert shown == [], console[-4000:]
+    logs = {path.name: path.read_text() for path in (out / "logs").glob("*.log")}
+    rollout = [text for name, text in logs.items() if name.startswith("RolloutActor-")]
+    assert rollout and all("non-default args" in text for text in rollout), sorted(logs)
+    assert any(name.startswith("LearnerWorker-") and "Setting accelerator to CPU" in text for name, text in logs.items())
+    assert all(text.count("set_num_threads") <= 1 for text in rollout)  # vLLM's repeats are dropped at the source
+    assert not any("Failed to load weights" in text or "Passing `min_pixels`" in text for text in logs.values())
+    assert "resumed at step" in logs["driver.log"] and (out / "reward_curve.png").is_file()
 
 
 def test_an_output_dir_the_learner_cannot_see_stops_the_job_at_start(head, tmp_path):

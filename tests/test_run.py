@@ -1,8 +1,8 @@
 """The training job end to end on CPU: the tiny preset through real vLLM, SAM2, DeepSpeed and Ray.
 
 In-process tests build the job on the session's Ray cluster so they can look inside it (weights,
-pools); the last test submits ``python -m segr1.run`` with ``ray job submit`` to a private head node,
-stops it, and resumes it, as a user would.
+pools); tests/test_multinode.py submits ``python -m segr1.run`` with ``ray job submit``, kills,
+stops and resumes it, as a user would.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ import ipaddress
 import json
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import ray
-from ray_head import REPO, start_ray_head
 
 from actors.rollout import SamplingSettings
 from segr1.config import load_config
@@ -177,65 +175,3 @@ class PortWatch:
         beyond = {name: {a for a in addrs if not is_loopback(a[0])} for name, addrs in self.seen.items()}
         assert beyond == {name: set() for name in self.pids}, beyond
         assert set(self.stores) <= self.seen["learner-0"]  # the watcher did see the stores
-
-
-@pytest.fixture(scope="module")
-def head():
-    started = start_ray_head(num_cpus=4)
-    yield started
-    started.stop()
-
-
-def test_ray_job_submit_stop_and_resume(head, tmp_path):
-    out = tmp_path / "run"
-    args = ["--trainer.output_dir", str(out), "--trainer.steps", "40", "--trainer.checkpoint_every", "100",
-            "--trainer.eval_every", "0", *RANDOM_POLICY]
-    job_id = "segr1-run-test"
-    runtime_env = str(REPO / "cluster" / "runtime_env.yaml")  # gives the driver time to checkpoint on stop
-    submitted = head.job_cli(["submit", "--no-wait", "--submission-id", job_id, "--runtime-env", runtime_env,
-                              "--", "python", "-m", "segr1.run", *args, "--resume"])
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    deadline = time.monotonic() + 480
-    while len(metric_lines(out)) < 2:
-        status = head.job_cli(["status", job_id])  # the CLI prints the status on stderr
-        assert f"Job '{job_id}' failed" not in status.stdout + status.stderr, head.job_cli(["logs", job_id]).stdout[-4000:]
-        assert time.monotonic() < deadline, "the job made no progress"
-        time.sleep(2)
-    assert head.job_cli(["stop", job_id]).returncode == 0
-    deadline = time.monotonic() + 120
-    while not (out / "export" / "model.safetensors").exists():  # the export comes after the checkpoint
-        assert time.monotonic() < deadline, "a stopped job wrote no final checkpoint and export"
-        time.sleep(1)
-    assert (out / "checkpoints" / "latest").exists()
-    done = len(metric_lines(out))
-    assert 2 <= done < 40, done
-
-    resumed = head.submit(["python", "-m", "segr1.run", *args[:3], str(done + 1), *args[4:], "--resume"],
-                          runtime_env=REPO / "cluster" / "runtime_env.yaml", timeout_s=480)
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-    assert "resumed at step" in resumed.stdout + resumed.stderr
-    steps = [line["step"] for line in metric_lines(out) if "reward" in line]
-    assert steps[-1] == done + 1
-    assert steps.count(done + 1) == 1
-    check_console(resumed.stdout + resumed.stderr, out)
-
-
-# What the roles print that the console must not show (it goes to <run>/logs): vLLM's engine
-# arguments, DeepSpeed's accelerator note, and what used to repeat: the processor's deprecated
-# min/max_pixels warning, vLLM's set_num_threads warning and its reload's "Failed to load weights".
-CHATTER = ("non-default args", "Setting accelerator to CPU", "set_num_threads", "Failed to load weights",
-           "Passing `min_pixels` and `max_pixels`")
-
-
-def check_console(console: str, out: Path) -> None:
-    """segr1's lines and the run's summary on the console; the roles' output in files under logs/."""
-    assert "run summary:" in console and "reward:" in console and str(out / "export") in console
-    shown = [text for text in CHATTER if text in console]
-    assert shown == [], console[-4000:]
-    logs = {path.name: path.read_text() for path in (out / "logs").glob("*.log")}
-    rollout = [text for name, text in logs.items() if name.startswith("RolloutActor-")]
-    assert rollout and all("non-default args" in text for text in rollout), sorted(logs)
-    assert any(name.startswith("LearnerWorker-") and "Setting accelerator to CPU" in text for name, text in logs.items())
-    assert all(text.count("set_num_threads") <= 1 for text in rollout)  # vLLM's repeats are dropped at the source
-    assert not any("Failed to load weights" in text or "Passing `min_pixels`" in text for text in logs.values())
-    assert "resumed at step" in logs["driver.log"] and (out / "reward_curve.png").is_file()
