@@ -322,3 +322,23 @@ def test_the_driver_blocks_on_the_learner_when_nothing_is_in_flight(tmp_path):
     trainer.fit()
     assert learner.trained == [["g0", "g1"]]
     assert trainer.pipeline.rollout.polls < 10  # the step's one collect; spinning made thousands
+
+
+def test_with_every_rollout_engine_gone_a_step_first_brings_a_new_one_to_the_current_weights(tmp_path):
+    """Elastic rollout, the last engine's node gone: the step must get a new engine through a push of
+    the current version (not a new one) before it waits on rollouts that no engine would run."""
+    trainer, learner, events = make_trainer(tmp_path, ["--trainer.steps", "2"])
+    rollout, weights = trainer.pipeline.rollout, trainer.weights
+    rollout.live = []
+    push = weights.push
+
+    def push_bringing_an_engine(new=True):
+        if not new:
+            rollout.live = ["fake-rollout-1"]  # loaded meanwhile: this push admits it
+        return push(new)
+
+    weights.push = push_bringing_an_engine
+    trainer.fit()
+    assert [event for event in events if event[0] == "push"] == [("push", 0), ("push", 1), ("push", 2)]
+    assert learner.trained == [["g0", "g1"], ["g2", "g3"]]
+    assert logged(trainer, "rollout_engines") == [1, 1]

@@ -127,7 +127,7 @@ def mortal(name: str):
     return Squarer.options(max_restarts=0).remote(name)
 
 
-def test_a_drop_dead_pool_retires_a_dead_actor_and_gives_its_work_to_one_added_later(ray_cluster, tmp_path):
+def test_an_elastic_pool_retires_a_dead_actor_and_gives_its_work_to_one_added_later(ray_cluster, tmp_path):
     """The only actor dies: its calls wait (nothing is lost) until an actor is added, which does them all."""
     pool = ActorPool([mortal("m-0")], ["m-0"], max_in_flight_per_actor=2, drop_dead=True)
     marker = str(tmp_path / "crashed")
