@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from segr1.core.frames import processor_bounds, processor_size
+from segr1.core.logprobs import token_logprobs_and_entropy
 from segr1.core.schema import TrainSample, prompt_digest, rgb_image
 
 
@@ -246,9 +247,9 @@ def completion_logits(model: Any, batch: ModelBatch) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """log p(token) under a float32 softmax, [B, T], whatever the model's dtype (vLLM's are float32 too)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return log_probs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    """log p(token) under a float32 softmax, [B, T], whatever the model's dtype (vLLM's are float32
+    too), without a whole-vocabulary copy (``segr1.core.logprobs``)."""
+    return token_logprobs_and_entropy(logits, token_ids)[0]
 
 
 # ----------------------------------------------------------------------------------------------

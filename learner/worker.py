@@ -41,7 +41,8 @@ from learner.inputs import (
     load_processor,
     token_logprobs,
 )
-from segr1.core.grpo import LossSettings, aggregate, entropy_from_logits, grpo_loss
+from segr1.core.grpo import LossSettings, aggregate, grpo_loss
+from segr1.core.logprobs import token_logprobs_and_entropy
 from segr1.core.merge import deep_merge
 from segr1.core.policy import ModelSettings
 from segr1.runtime.deadlines import hang_if_switched
@@ -407,23 +408,17 @@ class LearnerWorker:
     def _micro_loss(
         self, micro: MicroBatch, batch: ModelBatch, ref_logp: torch.Tensor | None, objective: str
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = completion_logits(self.engine, batch)
-        logp = token_logprobs(logits, batch.completion_ids)
+        logp, entropy = token_logprobs_and_entropy(completion_logits(self.engine, batch), batch.completion_ids)
         if micro.is_filler:
             # Same passes as the other ranks, no contribution: the gradient of 0 x logp is zero.
             return logp.sum() * 0.0, {}
         mask = batch.completion_mask
+        loss_settings = self.run.loss
+        if objective == "sft" or loss_settings.entropy_coef == 0:
+            entropy = entropy.detach()  # a metric only: no gradient through it
         if objective == "sft":
             loss = -aggregate(logp, mask, "token_mean")
-            with torch.no_grad():
-                entropy = aggregate(entropy_from_logits(logits), mask, "token_mean")
-            return loss, {"loss": loss.item(), "entropy": entropy.item()}
-        loss_settings = self.run.loss
-        if loss_settings.entropy_coef > 0:
-            entropy = entropy_from_logits(logits)
-        else:
-            with torch.no_grad():
-                entropy = entropy_from_logits(logits)
+            return loss, {"loss": loss.item(), "entropy": aggregate(entropy, mask, "token_mean").item()}
         loss, metrics = grpo_loss(logp, batch.behavior_logprobs, ref_logp, batch.advantages, mask, loss_settings,
                                   entropy)
         metrics[GAP] = float(((logp.detach() - batch.behavior_logprobs).abs() * mask).max())

@@ -8,7 +8,6 @@ import torch
 from segr1.core.grpo import (
     LossSettings,
     aggregate,
-    entropy_from_logits,
     group_advantages,
     grpo_loss,
     kl_penalty,
@@ -79,13 +78,6 @@ def test_aggregation_by_hand():
     assert aggregate(values, mask, "seq_mean").item() == pytest.approx((2 + 4) / 2)  # the empty row is skipped
     with pytest.raises(ValueError, match="unknown aggregation"):
         aggregate(values, mask, "sum")
-
-
-def test_entropy_from_logits():
-    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -1e9, -1e9]]])
-    entropy = entropy_from_logits(logits)
-    assert entropy[0, 0].item() == pytest.approx(math.log(4))
-    assert entropy[0, 1].item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-6)
 
 
 def _batch():

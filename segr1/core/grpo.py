@@ -88,12 +88,6 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean"
     raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution per position, ``[B, T, V] -> [B, T]``."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(dim=-1)
-
-
 @dataclass(frozen=True)
 class LossSettings:
     """Clipped-surrogate settings.

@@ -1,0 +1,79 @@
+"""The sampled tokens' log-probs and the entropy per position, from logits, without whole-vocabulary copies.
+
+At Qwen2.5-VL's 151,936-token vocabulary the logits of a micro-batch of 4 completions of 400 tokens
+are about 1 GB in float32. ``torch.log_softmax`` writes another tensor of that size and keeps it
+for the backward pass, and the entropy's ``exp() * log_probs`` two more. Here the rows are taken a
+chunk at a time (``CHUNK_BYTES`` of float32 each): the forward keeps only each row's log-sum-exp
+and entropy, and the backward recomputes the chunk's softmax to write the logits' gradient. What is
+left of whole-vocabulary size is the logits and their gradient, which any backward pass produces.
+
+With ``x`` a row of logits, ``lse = log sum exp x`` and ``p = exp(x - lse)``:
+
+- ``log p(t) = x_t - lse``, whose gradient is ``onehot(t) - p``;
+- ``H = -sum p log p = lse - sum p x``, whose gradient is ``-p (log p + H)``.
+
+Both are in float32 whatever the logits' dtype, as vLLM computes its log-probs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_BYTES = 64 << 20  # float32 working memory per chunk of rows: 110 rows of Qwen's vocabulary
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log p(token)`` and the entropy of each position, both ``[B, T]``, from ``logits`` ``[B, T, V]``
+    and ``token_ids`` ``[B, T]``. Differentiable in both outputs."""
+    if logits.shape[:-1] != token_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match token_ids {tuple(token_ids.shape)}")
+    return _LogprobsEntropy.apply(logits, token_ids)
+
+
+def _chunks(rows: int, vocab: int) -> list[slice]:
+    step = max(1, CHUNK_BYTES // (4 * vocab))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+class _LogprobsEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vocab = logits.shape[-1]
+        flat, ids = logits.reshape(-1, vocab), token_ids.reshape(-1, 1)
+        lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        logp, entropy = torch.empty_like(lse), torch.empty_like(lse)
+        for rows in _chunks(flat.shape[0], vocab):
+            x = flat[rows].float()
+            lse[rows] = torch.logsumexp(x, dim=-1)
+            logp[rows] = x.gather(1, ids[rows]).squeeze(1) - lse[rows]
+            p = (x - lse[rows, None]).exp_()
+            entropy[rows] = lse[rows] - torch.linalg.vecdot(p, x)  # sum p x, without a [rows, V] product
+        ctx.save_for_backward(logits, token_ids, lse, entropy)
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: no work for it
+        return logp.view(token_ids.shape), entropy.view(token_ids.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None):
+        logits, token_ids, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return None, None
+        vocab = logits.shape[-1]
+        flat, ids = logits.reshape(-1, vocab), token_ids.reshape(-1, 1)
+        grad = torch.empty_like(flat)
+        g_logp = None if grad_logp is None else grad_logp.reshape(-1, 1).float()
+        g_entropy = None if grad_entropy is None else grad_entropy.reshape(-1, 1).float()
+        for rows in _chunks(flat.shape[0], vocab):
+            log_p = flat[rows].float() - lse[rows, None]
+            p = log_p.exp()
+            # d/dx of g_logp log p(t) + g_entropy H  =  g_logp onehot(t) - p (g_logp + g_entropy (log p + H))
+            if g_entropy is not None:
+                factor = log_p.add_(entropy[rows, None]).mul_(g_entropy[rows])  # in place: log_p is done
+                if g_logp is not None:
+                    factor.add_(g_logp[rows])
+            else:
+                factor = g_logp[rows]
+            g = p.mul_(factor).neg_()
+            if g_logp is not None:
+                g.scatter_add_(1, ids[rows], g_logp[rows])
+            grad[rows] = g
+        return grad.view(logits.shape), None
