@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from actors.vision_ban import VISION_TOKEN_BAN, vision_token_ids
 from actors.vllm_worker import quiet_known_vllm_noise
 from segr1.core.frames import processor_bounds, processor_size
 from segr1.core.policy import ModelSettings
@@ -43,10 +44,6 @@ log = logging.getLogger("segr1")
 
 WORKER_EXTENSION = "actors.vllm_worker.WeightSyncWorkerExtension"
 
-# Qwen2.5-VL's vision markup: the processor inserts these, the policy must never write them
-# (a sampled <|image_pad|> makes the learner's forward fail: image features and tokens mismatch).
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-VISION_CONFIG_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 @dataclass(frozen=True)
@@ -136,24 +133,6 @@ class SamplingSettings:
             raise ValueError(f"bad sampling temperature {self.temperature} or top_p {self.top_p}")
 
 
-def vision_token_ids(tokenizer: Any, hf_config: Any) -> set[int]:
-    """Ids of the vision markup tokens, from the tokenizer's vocabulary and the model config."""
-    vocab = tokenizer.get_vocab()
-    ids = {vocab[t] for t in VISION_TOKENS if t in vocab}
-    ids |= {int(v) for k in VISION_CONFIG_IDS if (v := getattr(hf_config, k, None)) is not None}
-    return ids
-
-
-def allowed_token_ids(tokenizer: Any, hf_config: Any) -> list[int]:
-    """Every token the tokenizer knows except the vision markup.
-
-    Ids past the tokenizer's length (the embedding is padded to a multiple of 64 or 128) have no
-    text and were never trained, so they are excluded too.
-    """
-    banned = vision_token_ids(tokenizer, hf_config)
-    return [i for i in range(len(tokenizer)) if i not in banned]
-
-
 def item_seed(seed: int | None, group_id: str) -> int | None:
     """A per-prompt seed that does not depend on how prompts were batched over actors."""
     if seed is None:
@@ -191,7 +170,6 @@ class RolloutActor:
         self._tokenizer = self.llm.get_tokenizer()
         hf_config = self.llm.llm_engine.model_config.hf_config
         self._vision_ids = vision_token_ids(self._tokenizer, hf_config)
-        self._allowed = allowed_token_ids(self._tokenizer, hf_config)
         self._image_token_id = int(hf_config.image_token_id)
         vision = hf_config.vision_config
         self._frame_factor = int(vision.patch_size) * int(vision.spatial_merge_size)
@@ -213,6 +191,7 @@ class RolloutActor:
             limit_mm_per_prompt={"image": 1, "video": 0},
             mm_processor_kwargs=bounds,
             worker_extension_cls=WORKER_EXTENSION,
+            logits_processors=[VISION_TOKEN_BAN],
         )
         if self._on_gpu:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
@@ -273,8 +252,7 @@ class RolloutActor:
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_tokens,
                 seed=item_seed(sampling.seed, item.group_id),
-                logprobs=0,
-                allowed_token_ids=self._allowed,
+                logprobs=0,  # the vision markup is banned by the engine's VisionTokenBan, for every request
                 # The text is decoded below in one piece, so it is exactly the decode of the
                 # tokens the learner trains on (incremental detokenizing can differ at the edges).
                 detokenize=False,

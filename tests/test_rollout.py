@@ -208,11 +208,15 @@ def test_vision_tokens_are_never_sampled(actor, items):
     groups = actor.generate(items[:1], sampling)
     sampled = [t for c in groups[0].completions for t in c.token_ids]
     assert len(sampled) > 500 and not vision & set(sampled)
-    # control: the same engine and prompt without the mask does write vision tokens
+    # The ban is the engine's (VisionTokenBan), for every request: a plain one without any mask writes
+    # none either, although the random policy ranks them among its top 20 candidates (the raw log-probs,
+    # taken before the ban) at some positions: without the ban it would write them.
     prompt = {"prompt": items[0].prompt, "multi_modal_data": {"image": Image.fromarray(items[0].image)}}
-    out = actor.llm.generate([prompt], SamplingParams(n=8, temperature=1.0, max_tokens=128, seed=3), use_tqdm=False)
-    unmasked = [t for c in out[0].outputs for t in c.token_ids]
-    assert vision & set(unmasked)
+    params = SamplingParams(n=8, temperature=1.0, max_tokens=128, seed=3, logprobs=20)
+    (out,) = actor.llm.generate([prompt], params, use_tqdm=False)
+    plain = {t for c in out.outputs for t in c.token_ids}
+    candidates = {t for c in out.outputs for step in c.logprobs for t in step}
+    assert len(plain) > 50 and not vision & plain and vision & candidates
 
 
 def test_bad_images_are_rejected_naming_the_record(actor, items):
