@@ -42,7 +42,7 @@ class Pipeline:
     rollout: Any  # ActorPool of RolloutActors (method "generate")
     reward: Any  # ActorPool of RewardActors (method "score_group")
     sampling: Any  # the default SamplingSettings for the rollout actors
-    prompts_per_call: int | None = 1  # None: each submit spread over the live engines' slots
+    prompts_per_call: int | None = 1  # None: each submit in one call per live engine
     _issued: dict[str, IssuedPrompt] = field(default_factory=dict)
     _want_masks: set[str] = field(default_factory=set)
 
@@ -53,7 +53,7 @@ class Pipeline:
             self._issued[prompt.item.group_id] = prompt
             if i < with_masks:
                 self._want_masks.add(prompt.item.group_id)
-        size = self.prompts_per_call or prompts_per_call(len(prompts), len(self.rollout.live), self.rollout.max_in_flight)
+        size = self.prompts_per_call or prompts_per_call(len(prompts), len(self.rollout.live))
         for start in range(0, len(prompts), size):
             chunk = [p.item for p in prompts[start : start + size]]
             self.rollout.submit("generate", chunk, sampling, work=len(chunk))
@@ -94,6 +94,7 @@ class Pipeline:
         self.reward.submit("score_group", group, issued.mask, group.group_id in self._want_masks)
 
 
-def prompts_per_call(prompts: int, num_actors: int, max_in_flight: int) -> int:
-    """Chunk prompts so every actor slot gets work but each engine call still batches."""
-    return max(1, math.ceil(prompts / (max(1, num_actors) * max_in_flight)))
+def prompts_per_call(prompts: int, num_actors: int) -> int:
+    """One call per engine: an engine runs its calls one after the other, so only the prompts of one
+    call share its batch (vLLM's scheduler takes them all, however many, in continuous batching)."""
+    return max(1, math.ceil(prompts / max(1, num_actors)))

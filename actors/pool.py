@@ -22,8 +22,10 @@ went down, the calls past their deadline and the groups that had to be sent agai
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -38,6 +40,18 @@ log = logging.getLogger("segr1")
 
 # A retried task waits 1, 2, 4 ... seconds (at most this) so a restarting actor has time to come back.
 MAX_BACKOFF_S = 30.0
+
+
+def _locked(method):
+    """Run ``method`` holding the pool's lock: the trainer's thread polls the pool while a weight
+    push in another thread drops and adds engines (an elastic pool)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -105,6 +119,7 @@ class ActorPool:
         self._load = [0] * len(actors)
         self._stats = [ActorStats() for _ in actors]
         self._avoid: dict[int, int] = {}  # task id -> actor index that just failed it
+        self._lock = threading.RLock()
 
     @property
     def pending(self) -> int:
@@ -112,10 +127,12 @@ class ActorPool:
         return len(self._queue) + len(self._running)
 
     @property
+    @_locked
     def live(self) -> list[str]:
         """The names of the actors that still get work (all of them, unless some were retired)."""
         return [name for name, s in zip(self.names, self._stats) if not s.retired]
 
+    @_locked
     def add(self, actor: Any, name: str) -> None:
         """A new actor, given work from now on."""
         self.actors.append(actor)
@@ -124,10 +141,12 @@ class ActorPool:
         self._stats.append(ActorStats())
         self._dispatch()
 
+    @_locked
     def retire(self, name: str) -> None:
         """Give ``name`` no more work (it is dead); what it was running comes back as failed."""
         self._stats[self.names.index(name)].retired = True
 
+    @_locked
     def submit(self, method: str, *args: Any, work: int = 1, **kwargs: Any) -> PoolTask:
         """Queue ``actor.method(*args, **kwargs)``; ``work``: the groups it holds."""
         task = PoolTask(next(self._ids), method, args, kwargs, work)
@@ -135,6 +154,7 @@ class ActorPool:
         self._dispatch()
         return task
 
+    @_locked
     def poll(self, timeout: float | None = 0.0) -> list[PoolTask]:
         """Finished tasks (in completion order); waits up to ``timeout`` for at least one."""
         if not self._running:

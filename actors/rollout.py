@@ -203,6 +203,10 @@ class RolloutActor:
             if tp != 1:
                 raise ValueError("tensor_parallel_size > 1 needs GPUs; the CPU engine runs one worker")
             kwargs["kv_cache_memory_bytes"] = s.kv_cache_memory_bytes
+            # Whole prefills only: a chunked one discards the token sampled for its unfinished part and
+            # rewinds the request's seeded generator, which a CPU generator cannot do ("CPU Generator
+            # does not use offset"): any call whose prompts pass 4096 tokens failed (2 prompts x 8 at 768 px).
+            kwargs["enable_chunked_prefill"] = False
         return kwargs
 
     def _checkpoint_bounds(self) -> Any:

@@ -342,3 +342,24 @@ def test_with_every_rollout_engine_gone_a_step_first_brings_a_new_one_to_the_cur
     assert [event for event in events if event[0] == "push"] == [("push", 0), ("push", 1), ("push", 2)]
     assert learner.trained == [["g0", "g1"], ["g2", "g3"]]
     assert logged(trainer, "rollout_engines") == [1, 1]
+
+
+def test_async_scoring_goes_on_while_the_weights_are_pushed(tmp_path):
+    """The next step's rollouts that finish during a push (seconds for a 7B model) must go to the
+    reward actors then, not wait for the push to end: here they finish only once the push began,
+    and the push ends only once they are scored."""
+    trainer, learner, events = make_trainer(tmp_path, ["--trainer.mode", "async", "--trainer.steps", "2"],
+                                            hold=lambda gid: gid in ("g2", "g3") and not pushing.is_set())
+    reward, weights, pushing = trainer.pipeline.reward, trainer.weights, threading.Event()
+    push = weights.push
+
+    def push_awaiting_scores(new=True):
+        pushing.set()  # from now on the held rollouts finish; a blocked driver would never score them
+        if learner.started == 1 and not reward.wait_scored(["g2", "g3"], WAIT_S):
+            raise AssertionError("the next step's groups were not scored while the weights were pushed")
+        return push(new)
+
+    weights.push = push_awaiting_scores
+    trainer.fit()
+    assert learner.trained == [["g0", "g1"], ["g2", "g3"]]
+    assert events.index(("scored", "g2")) < events.index(("push", 1))

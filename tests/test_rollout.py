@@ -175,6 +175,18 @@ def test_generate_returns_one_group_of_g_completions_per_prompt(actor, items, po
     assert [c.token_ids for c in alone[0].completions] == [c.token_ids for c in groups[1].completions]
 
 
+def test_a_call_past_the_engines_token_budget_samples_as_small_ones_do(actor, items):
+    """One call per engine holds a whole step: 48 seeded samples of 16 prompts pass vLLM's 4096-token
+    prefill budget. A chunked prefill there rewound each request's seeded generator, which a CPU
+    generator cannot do, and the call failed; whole prefills sample as the small calls do."""
+    sampling = SamplingSettings(n=3, temperature=1.0, max_tokens=8, seed=11)
+    many = [replace(items[i % len(items)], group_id=f"m{i}") for i in range(16)]
+    groups = actor.generate(many, sampling)
+    assert sum(len(g.prompt_token_ids) for g in groups) * sampling.n > 4096
+    alone = actor.generate(many[5:6], sampling)
+    assert [c.token_ids for c in alone[0].completions] == [c.token_ids for c in groups[5].completions]
+
+
 def test_learner_processor_uses_the_engines_image_bounds(actor, items, policy, tiny_qwen_dir):
     group = actor.generate(items[:1], SamplingSettings(n=2, max_tokens=4, seed=0))[0]
     learner_ids = process_prompt(policy["processor"], items[0].prompt, items[0].image, "g0").input_ids.tolist()

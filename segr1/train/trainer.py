@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -154,9 +155,9 @@ class Trainer:
             self._submit(self.step + 1)  # generated on the current weights while the learner trains
         samples = self._train_samples(batch)
         batch_metrics = self._batch_metrics(batch)  # before the push: staleness is against these weights
-        metrics = self._train_while_pumping(samples)
+        metrics = dict(self._while_pumping(self.learner.train_step, samples))
         trained = time.monotonic()
-        self.weights.push()
+        self._while_pumping(self.weights.push)
         synced = time.monotonic()
         metrics.update(batch_metrics)
         metrics.update(
@@ -225,16 +226,17 @@ class Trainer:
             samples.extend(train_samples(scored.group, adv))
         return samples
 
-    def _train_while_pumping(self, samples: list) -> dict[str, float]:
-        """Train in a helper thread while this one keeps scoring the next step's rollouts.
+    def _while_pumping(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` (the learner's step, the weight push) in a helper thread while this one
+        keeps scoring the next step's rollouts as they finish (async mode).
 
-        Once nothing is in flight (always so in sync mode) it blocks on the learner: the pools'
+        Once nothing is in flight (always so in sync mode) it blocks on the call: the pools'
         ``poll`` returns at once when they hold no work, so pumping on would spin a core."""
         with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(self.learner.train_step, samples)
+            future = pool.submit(call, *args)
             while not future.done() and self.pipeline.pending:
                 self._ready.extend(self.pipeline.pump(timeout=0.05))
-            return dict(future.result())
+            return future.result()
 
     def _faults_since_last_step(self) -> dict[str, int]:
         """Actor restarts, calls past their deadline and groups redone in the pools since the last step."""
