@@ -35,11 +35,10 @@ class VisionTokenBan(LogitsProcessor):
     """-inf on the vision markup and on the ids past the tokenizer's length, in every row."""
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
-        from transformers import AutoTokenizer
+        from vllm.tokenizers import cached_tokenizer_from_config
 
         model = vllm_config.model_config
-        tokenizer = AutoTokenizer.from_pretrained(model.tokenizer, revision=model.tokenizer_revision,
-                                                  trust_remote_code=model.trust_remote_code)
+        tokenizer = cached_tokenizer_from_config(model)  # the engine's own, as its settings say to load it
         self.text_vocab = len(tokenizer)
         self.banned = torch.tensor(sorted(vision_token_ids(tokenizer, model.hf_config)), dtype=torch.long,
                                    device=device)

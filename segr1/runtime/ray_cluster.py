@@ -198,7 +198,7 @@ class RolePlacement:
     placement_group: PlacementGroup
     bundles: list[dict[str, float]]
     strategy: str
-    ready_ref: Any = None  # the group's ready() object: one per group, however often is_ready asks
+    ready_ref: Any  # the group's ready() object: one per group, however often is_ready asks
 
     def is_ready(self) -> bool:
         """Whether Ray has reserved every bundle (a pending group is what the autoscaler scales for)."""
