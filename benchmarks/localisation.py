@@ -56,7 +56,7 @@ def greedy_scores(policy: Path, records: list) -> tuple[float, int]:
 
     processor = load_processor(str(policy), SIZE * SIZE, SIZE * SIZE)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(policy), dtype=torch.float32).eval()
-    segmenter = BoxSegmenter()
+    segmenter = BoxSegmenter(point_radius=8.0)  # the radius its recorded figures used
     ious, answers = [], set()
     for record in records:
         inputs = process_prompt(processor, render_prompt(processor, build_messages(record.task)), record.image, record.id)

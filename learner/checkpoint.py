@@ -22,7 +22,6 @@ from a directory this code published.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -76,15 +75,7 @@ def publish(root: Storage, name: str, client_state: dict[str, Any]) -> str:
     """Add the caller's state to the finished ``name.tmp``, move it to ``name``, point ``latest`` at it."""
     tmp = tmp_name(name)
     root.write_text(f"{tmp}/{CLIENT_STATE}", client_state_text(client_state))
-    if root.exists(name):
-        # Saving the same step again (e.g. after a resume): move the old one aside first, since a
-        # directory rename cannot replace a non-empty directory.
-        stale = f".{name}.replaced.{os.getpid()}"
-        root.move(name, stale)
-        root.move(tmp, name)
-        root.delete(stale)
-    else:
-        root.move(tmp, name)
+    root.move(tmp, name)  # saving a step again (after a resume) replaces it
     root.write_text(LATEST, name + "\n")
     return root.path(name)
 

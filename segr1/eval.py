@@ -89,7 +89,7 @@ def ray_predictor(config: Config) -> Iterator[Any]:
     from segr1.evaluation.runner import RayPredictor
     from segr1.runtime.ray_cluster import connect
 
-    info = connect(address=config.ray.address, num_cpus=config.ray.num_cpus)
+    info = connect(**asdict(config.ray))
     try:
         predictor = RayPredictor(config.model, config.sam2, config.rollout, config.reward, config.evaluation)
         try:
@@ -136,10 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = JobOptions(
             out_dir=args.out,
             settings=recorded_settings(config),
-            policy_size=evaluation.policy_size,
-            limit=evaluation.limit,
+            evaluation=evaluation,
             restart=args.restart,
-            gallery=evaluation.gallery,
             progress=not args.no_progress,
         )
         outcome = run_job(benchmarks, job, lambda: ray_predictor(config))

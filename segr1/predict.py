@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from segr1.config import command_parser, parse_command, resolve_models
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = None
     try:
         listed = check_source(source)
-        info = connect(address=config.ray.address, num_cpus=config.ray.num_cpus)
+        info = connect(**asdict(config.ray))
         counts = predict(config, source, listed, args.out, args.batch_size, args.limit, progress=not args.no_progress)
     except (PredictError, BadInput) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    info = connect(address=config.ray.address, num_cpus=config.ray.num_cpus)
+    info = connect(**asdict(config.ray))
     try:
         url = deploy(config, file, host, port)
         print(f"segr1 serving {config.model.path} at {url} (web page), {url}v1/segment (API), {url}healthz; "

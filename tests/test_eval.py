@@ -17,6 +17,7 @@ import py_sod_metrics as reference
 import pytest
 from PIL import Image
 
+from segr1.config import EvalSettings
 from segr1.core.prompts import answer_text
 from segr1.core.segment import BoxSegmenter
 from segr1.data.records import DatasetError
@@ -64,7 +65,7 @@ def _box_mask(box: list[float], h: int, w: int) -> np.ndarray:
     return _rect(h, w, slice(int(np.floor(y1)), int(np.ceil(y2))), slice(int(np.floor(x1)), int(np.ceil(x2))))
 
 
-def _run(benchmark, out: Path, completions: dict[str, str], **kw):
+def _run(benchmark, out: Path, completions: dict[str, str], **evaluation):
     """The job without Ray: completions looked up by example id, decoded by BoxSegmenter."""
     calls: list[str] = []
 
@@ -74,7 +75,8 @@ def _run(benchmark, out: Path, completions: dict[str, str], **kw):
         return completions[example.id]
 
     predictor = local_predictor(complete, BoxSegmenter(point_radius=3.0))
-    options = JobOptions(out_dir=out, settings={"policy": "hand"}, policy_size=POLICY, progress=False, **kw)
+    settings = EvalSettings(policy_size=POLICY, **evaluation)
+    options = JobOptions(out_dir=out, settings={"policy": "hand"}, evaluation=settings, progress=False)
     outcome = run_job([benchmark], options, lambda: nullcontext(predictor))
     return outcome, calls
 
@@ -424,7 +426,7 @@ def test_resume_after_a_crash_skips_finished_examples(cod10k: Path, tmp_path: Pa
 
     store = ResultStore(out / bench.key, settings)
     with pytest.raises(RuntimeError, match="node lost"):
-        evaluate_benchmark(bench, store, local_predictor(crashing, BoxSegmenter()), POLICY)
+        evaluate_benchmark(bench, store, local_predictor(crashing, BoxSegmenter(point_radius=4.0)), POLICY)
     lines = (out / bench.key / RECORDS_FILE).read_text().splitlines()
     assert len(lines) == 2
     # The crash also tore a third line half way.

@@ -1,7 +1,8 @@
 """The package's layers hold: import-linter's contracts in pyproject.toml, checked on every run.
 
 core (pure: no Ray, vLLM, DeepSpeed or transformers) <- data, segmenters, weightsync, runtime,
-testing <- actors, learner (independent of each other) <- train, evaluation <- entry points.
+testing <- actors, learner (independent of each other) <- config <- train, evaluation, serving
+<- entry points.
 """
 
 from __future__ import annotations

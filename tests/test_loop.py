@@ -119,12 +119,13 @@ NO_FAULTS = {"actor_restarts": 0, "calls_past_deadline": 0, "groups_redone": 0}
 class FakeRolloutPool:
     """``versions``: weight version a group comes back with; ``hold(gid)``: keep it in flight for now."""
 
-    def __init__(self, weights, versions=None, hold=lambda gid: False):
-        self.weights, self.versions, self.hold = weights, versions or {}, hold
+    def __init__(self, events, weights, versions=None, hold=lambda gid: False):
+        self.events, self.weights, self.versions, self.hold = events, weights, versions or {}, hold
         self.running, self.polls = [], 0
 
     def submit(self, method, items, sampling, work):
         assert method == "generate" and work == len(items)
+        self.events.append(("submit", [item.group_id for item in items]))
         self.running.append(SimpleNamespace(args=(items, sampling), version=self.weights.version, result=None,
                                             deadline=time.monotonic() + WAIT_S))
 
@@ -213,7 +214,7 @@ def make_trainer(tmp_path, overrides, rewards_of=lambda gid: SPREAD, versions=No
     reward = FakeRewardPool(events, rewards_of)
     learner = FakeLearner(events, wait_for, reward)
     weights = FakeWeightSync(events, learner)
-    pipeline = Pipeline(FakeRolloutPool(weights, versions, hold), reward, SamplingSettings(n=GROUP_SIZE))
+    pipeline = Pipeline(FakeRolloutPool(events, weights, versions, hold), reward, SamplingSettings(n=GROUP_SIZE))
     monitor = Monitor(tmp_path / "logs", config.trainer.steps, ray_metrics=False)
     _monitors.append(monitor)
     trainer = Trainer(config, pipeline, learner, weights, FakePromptSource(events), [], monitor, tmp_path,
@@ -278,21 +279,25 @@ def test_the_refill_limit_stops_a_step_that_never_fills(tmp_path):
     assert sum(len(ids) for ids in draws(events)[1:]) == 10  # the step's 2 prompts, then 4 x 2 refills
 
 
+def submits(*ids):
+    return [("submit", [gid]) for gid in ids]  # the pipeline's default: one group per call
+
+
 ASYNC_LOG = [
-    ("draw", ["g0", "g1"]), ("scored", "g0"), ("scored", "g1"),
-    ("draw", ["g2", "g3"]),  # the next step's prompts, before this step trains
+    ("draw", ["g0", "g1"]), *submits("g0", "g1"), ("scored", "g0"), ("scored", "g1"),
+    ("draw", ["g2", "g3"]), *submits("g2", "g3"),  # the next step's rollouts go out before this step trains
     ("train_start", ["g0", "g1"]), ("scored", "g2"), ("scored", "g3"), ("train_end", ["g0", "g1"]), ("push", 1),
-    ("draw", ["g4", "g5"]),
+    ("draw", ["g4", "g5"]), *submits("g4", "g5"),
     ("train_start", ["g2", "g3"]), ("scored", "g4"), ("scored", "g5"), ("train_end", ["g2", "g3"]), ("push", 2),
     ("train_start", ["g4", "g5"]), ("train_end", ["g4", "g5"]), ("push", 3),
     ("checkpoint", 3), ("export",),
 ]
 SYNC_LOG = [
-    ("draw", ["g0", "g1"]), ("scored", "g0"), ("scored", "g1"),
+    ("draw", ["g0", "g1"]), *submits("g0", "g1"), ("scored", "g0"), ("scored", "g1"),
     ("train_start", ["g0", "g1"]), ("train_end", ["g0", "g1"]), ("push", 1),
-    ("draw", ["g2", "g3"]), ("scored", "g2"), ("scored", "g3"),
+    ("draw", ["g2", "g3"]), *submits("g2", "g3"), ("scored", "g2"), ("scored", "g3"),
     ("train_start", ["g2", "g3"]), ("train_end", ["g2", "g3"]), ("push", 2),
-    ("draw", ["g4", "g5"]), ("scored", "g4"), ("scored", "g5"),
+    ("draw", ["g4", "g5"]), *submits("g4", "g5"), ("scored", "g4"), ("scored", "g5"),
     ("train_start", ["g4", "g5"]), ("train_end", ["g4", "g5"]), ("push", 3),
     ("checkpoint", 3), ("export",),
 ]

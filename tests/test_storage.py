@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from learner import checkpoint as ckpt
@@ -75,3 +76,22 @@ def test_staging_folders_are_per_location(tmp_path):
     b = Storage("s3://bucket/b?endpoint_override=127.0.0.1:1").staging_dir("x")
     assert a != b and a.name == b.name == "x"
     assert Storage(tmp_path).staging_dir("x") == Path(tmp_path / "x")  # a path is written in place
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_publishing_a_step_again_replaces_its_folder_whole(where, tmp_path, request):
+    """A resumed run saves the step it resumed from again: the new folder must replace the old
+    one (no file of the old left beside the new), on a path and on an object store."""
+    location = tmp_path / "ckpt" if where == "local" else request.getfixturevalue("s3_uri")
+    root = Storage(location).child("checkpoints")
+    for attempt, files in ((1, ["old.pt", "both.pt"]), (2, ["both.pt"])):
+        tmp = ckpt.tmp_name("step_1")
+        for name in files:
+            root.write_bytes(f"{tmp}/{ckpt.DEEPSPEED_TAG}/{name}", bytes([attempt]))
+        ckpt.publish(root, "step_1", {"attempt": attempt})
+    assert ckpt.read_client_state(root, "step_1") == {"attempt": 2}
+    with root.fs.open_input_stream(root.path(f"step_1/{ckpt.DEEPSPEED_TAG}/both.pt")) as stream:
+        assert stream.read() == bytes([2])
+    assert not root.exists(f"step_1/{ckpt.DEEPSPEED_TAG}/old.pt")
+    listing = root.fs.get_file_info(pafs.FileSelector(root.path(""), recursive=False))
+    assert sorted(Path(info.path).name for info in listing) == ["latest", "step_1"]  # nothing aside left

@@ -5,8 +5,6 @@ Used for the training job's sample dumps and the evaluation gallery, so both sho
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -67,13 +65,3 @@ def panel(
     for i, picture in enumerate(pictures):
         out.paste(picture, (i * (width + 4), 0))
     return out
-
-
-def mask_to_png(mask: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def png_to_mask(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("L")) >= 128

@@ -143,7 +143,7 @@ class BoxSegmenter:
     ``point_radius`` of the point.
     """
 
-    point_radius: float = 8.0
+    point_radius: float
 
     def __post_init__(self) -> None:
         if not self.point_radius >= 0:

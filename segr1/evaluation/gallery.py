@@ -10,6 +10,7 @@ HTML-escaped.
 from __future__ import annotations
 
 import html
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,10 +90,9 @@ def benchmark_cases(
     for rank, result in chosen:
         picture = _thumbnail(examples[result.id].load(), store.mask(result), result, height)
         name = Path(result.mask).with_suffix(".jpg").name
-        path = folder / name
-        tmp = path.with_name(f".{name}.tmp")
-        picture.save(tmp, format="JPEG", quality=90)
-        tmp.replace(path)
+        jpeg = io.BytesIO()
+        picture.save(jpeg, format="JPEG", quality=90)
+        write_atomic(folder / name, jpeg.getvalue())
         cases.append(Case(rank, result, f"{benchmark.key}/{name}"))
     return cases
 

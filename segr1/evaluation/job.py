@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from segr1.config import EvalSettings
 from segr1.core.frames import policy_side
 from segr1.evaluation.datasets import Benchmark
 from segr1.evaluation.gallery import write_gallery
@@ -33,19 +34,21 @@ from segr1.evaluation.scoring import (
 
 @dataclass
 class JobOptions:
-    """``policy_size`` None uses the paper's size per task (768 COD/SOD, 1024 referring/reasoning);
-    ``limit`` evaluates the first N examples of each benchmark; ``gallery`` is N best + N worst."""
+    """Where and how one ``segr1 eval`` runs: ``evaluation`` is the config's section as it is
+    (policy size, limit, gallery); ``settings`` what the results depend on (a resume must match)."""
 
     out_dir: Path
     settings: dict[str, Any]
-    policy_size: int | None = None
-    limit: int | None = None
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
     restart: bool = False
-    gallery: int = 8
     progress: bool = True
 
+    @property
+    def limit(self) -> int | None:
+        return self.evaluation.limit
+
     def size_for(self, task: str) -> int:
-        return policy_side(task, self.policy_size)
+        return policy_side(task, self.evaluation.policy_size)
 
 
 @dataclass
@@ -89,9 +92,9 @@ def run_job(
     scores = [score_benchmark(b, s, options.limit) for b, s in zip(benchmarks, stores)]
     json_path, md_path = write_report(options.out_dir, scores, options.settings)
     gallery = None
-    if options.gallery > 0:
+    if options.evaluation.gallery > 0:
         chosen = [(b, s, _scored_ids(b, options.limit)) for b, s in zip(benchmarks, stores)]
-        gallery = write_gallery(options.out_dir, chosen, count=options.gallery)
+        gallery = write_gallery(options.out_dir, chosen, count=options.evaluation.gallery)
     return JobOutcome(scores, json_path, md_path, gallery, predicted)
 
 

@@ -14,7 +14,6 @@ folder made with different settings is refused, so one table never mixes two con
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from segr1.core.files import write_atomic
+from segr1.data.records import decode_mask, encode_mask
 
 RECORDS_FILE = "records.jsonl"
 SETTINGS_FILE = "settings.json"
@@ -70,17 +69,10 @@ class EvalResult:
         return cls(**data)
 
 
-def encode_png(mask: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def read_mask_png(path: Path) -> np.ndarray:
     """A saved prediction (or any 0/255 PNG) as bool; unreadable files name themselves."""
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("L")) >= 128
+        return decode_mask(path.read_bytes())
     except Exception as err:  # noqa: BLE001 - image decoders raise many exception types
         raise EvalError(f"{path}: unreadable mask: {type(err).__name__}: {err}") from err
 
@@ -140,7 +132,7 @@ class ResultStore:
 
     def add(self, result: EvalResult, mask: np.ndarray) -> None:
         """Save the mask, then append the result line durably."""
-        write_atomic(self.masks_dir / result.mask, encode_png(mask))
+        write_atomic(self.masks_dir / result.mask, encode_mask(mask))
         line = json.dumps(asdict(result), separators=(",", ":")) + "\n"
         with self.records_path.open("ab") as f:
             f.write(line.encode())

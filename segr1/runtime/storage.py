@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from segr1.core.files import write_atomic
+from segr1.core.files import move_into_place, write_atomic
 
 PROBE_PREFIX = ".segr1-storage-probe-"
 
@@ -119,15 +119,26 @@ class Storage:
             self.fs.delete_file(self.path(name))
 
     def move(self, source: str, target: str) -> None:
-        """Rename ``source`` to ``target`` (replacing it); on a path it is one rename. Object stores
-        move single objects only, so a folder there is copied and then deleted."""
-        self.delete(target)
-        is_dir = self.fs.get_file_info(self.path(source)).type == pafs.FileType.Directory
-        if self.is_local or not is_dir:
-            self.fs.move(self.path(source), self.path(target))
+        """Rename ``source`` to ``target``, replacing it. A file is one move, and a local folder
+        ``move_into_place``: ``target`` is always the old one or the new one. Object stores move
+        single objects only, so a folder there is copied; the old one is moved aside first, and a
+        crash midway leaves it as ``<target>.replaced.*``, not lost."""
+        src, dst = self.path(source), self.path(target)
+        if self.fs.get_file_info(src).type != pafs.FileType.Directory:
+            self.fs.move(src, dst)
+        elif self.is_local:
+            move_into_place(Path(src), Path(dst))
         else:
-            pafs.copy_files(self.path(source), self.path(target), self.fs, self.fs)
-            self.fs.delete_dir(self.path(source))
+            stale = f"{target}.replaced.{secrets.token_hex(4)}"
+            if self.exists(target):
+                self._copy_dir(target, stale)
+            self._copy_dir(source, target)
+            self.delete(stale)
+
+    def _copy_dir(self, source: str, target: str) -> None:
+        """An object store's folder move: copy every object, then delete the source."""
+        pafs.copy_files(self.path(source), self.path(target), self.fs, self.fs)
+        self.fs.delete_dir(self.path(source))
 
     def upload(self, local_dir: str | Path, name: str) -> None:
         """Copy the files of ``local_dir`` under ``name`` (remote locations only need this)."""

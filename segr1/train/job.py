@@ -1,7 +1,9 @@
 """Wiring: from a ``Config`` to running rollout, reward and learner roles and a ``Trainer``.
 
-The driver layer (``segr1.train``, ``segr1.evaluation``) is the only part of ``segr1`` that
-imports ``actors`` and ``learner``; the import-linter contracts in ``pyproject.toml`` say so.
+``actors`` and ``learner`` are imported only from the layers above them: the configuration
+(``segr1.config``, whose sections are the roles' settings objects), the driver (``segr1.train``,
+``segr1.evaluation``, ``segr1.serving``) and the commands; the import-linter contracts in
+``pyproject.toml`` say so.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +180,7 @@ def build_job(config: Config, output_dir: str | Path) -> Job:
     write_yaml(config_dict(config), out_dir / "config.yaml")  # what this run really used
     console = Console(out_dir / "logs", verbose=config.monitor.verbose)
     try:
-        info = connect(config.ray.address, config.ray.num_cpus, config.ray.dashboard_host, config.ray.dashboard_port)
+        info = connect(**asdict(config.ray))
         if console.follow_workers() and not config.monitor.verbose:
             log.info("the roles' output (vLLM, DeepSpeed, SAM2, Ray) goes to %s; --verbose prints it here too",
                      console.logs_dir)

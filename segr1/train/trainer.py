@@ -22,10 +22,10 @@ import torch
 
 from actors.pipeline import IssuedPrompt, Pipeline, ScoredPrompt
 from segr1.config import Config
-from segr1.core.draw import png_to_mask
 from segr1.core.grpo import group_advantages, zero_variance_groups
 from segr1.core.parser import parse_completion
 from segr1.core.schema import train_samples
+from segr1.data.records import decode_mask
 from segr1.runtime.storage import Storage, shown
 from segr1.train.monitor import Monitor, SampleView
 from segr1.train.prompt_source import PromptSource
@@ -306,7 +306,7 @@ class Trainer:
             parsed = parse_completion(text, rollout.item.policy_size)
             views.append(SampleView(
                 group_id=rollout.group_id, image=self.fetch(rollout.item.image), gt_mask=self.fetch(scored.mask),
-                pred_mask=png_to_mask(score.mask_png), boxes=parsed.boxes, points=parsed.points,
+                pred_mask=decode_mask(score.mask_png), boxes=parsed.boxes, points=parsed.points,
                 labels=parsed.labels, policy_size=rollout.item.policy_size, text=text, reward=score.reward,
             ))
         if views:
