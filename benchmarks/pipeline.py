@@ -7,6 +7,14 @@ roles each given a whole logical core, and prints the mean time per step and per
 Async should approach max(rollout, train) per step rather than their sum. Peak memory is the largest
 sum of resident memory over the driver and every process of the Ray session, sampled every 0.2 s.
 The first step of each mode is left out of the means (engine warm-up).
+
+The last line is JSON:
+  driver_share_sync     the share of a sync step the driver spends on its own work: its CPU time
+                        in the step (``driver_cpu_s``, its Ray threads included) over ``step_s``.
+                        An upper bound: part of that work (handing rollouts to the reward actors)
+                        overlaps the engines' generation. Goal <= 0.10.
+  async_over_max_stage  the async step over max(rollout_s, train_s) of the sync run, where the
+                        stages do not overlap. Goal <= 1.1.
 """
 
 from __future__ import annotations
@@ -93,7 +101,7 @@ def main() -> None:
             results[mode] = run_mode(mode, args, Path(tmp))
     ray.shutdown()
 
-    keys = ("step_s", "rollout_s", "train_s", "sync_s", "samples_per_s")
+    keys = ("step_s", "rollout_s", "train_s", "sync_s", "driver_cpu_s", "samples_per_s")
     print(f"\n{args.steps} steps x {args.prompts} prompts x G=4, max {args.max_tokens} tokens (first step excluded)")
     print(f"{'':<16}{'sync':>10}{'async':>10}{'async/sync':>12}")
     for key in keys:
@@ -104,6 +112,17 @@ def main() -> None:
     print(f"sync rollout+train = {bound:.3f} s, max(rollout, train) = {floor:.3f} s, "
           f"async step = {mean(results['async'], 'step_s'):.3f} s")
     print(f"peak resident memory of the whole job: {memory.peak / 2**30:.2f} GiB (budget 8 GiB)")
+    figures = {
+        "driver_share_sync": round(mean(results["sync"], "driver_cpu_s") / mean(results["sync"], "step_s"), 3),
+        "async_over_max_stage": round(mean(results["async"], "step_s") / floor, 3),
+        "sync_step_s": round(mean(results["sync"], "step_s"), 3),
+        "async_step_s": round(mean(results["async"], "step_s"), 3),
+        "max_stage_s": round(floor, 3),
+        "peak_gib": round(memory.peak / 2**30, 2),
+    }
+    print(f"driver share of a sync step: {figures['driver_share_sync']:.3f} (goal <= 0.10); async step over "
+          f"max(rollout, train): {figures['async_over_max_stage']:.2f} (goal <= 1.1)")
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

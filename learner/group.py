@@ -189,10 +189,10 @@ class LearnerGroup:
 
     def broadcast_weights(
         self, version: int, receives: Sequence[tuple[str, Any]] = (), deadline: Deadline | None = None
-    ) -> int:
-        """Stream the weights as ``version``; returns bytes sent. ``receives``: the engines'
-        ``(name, ref)`` receive calls (issue them first), waited for with the send, all within
-        ``deadline``.
+    ) -> dict[str, int]:
+        """Stream the weights as ``version``; returns the ``bytes`` sent and how many of them were
+        ``staged`` (copied first). ``receives``: the engines' ``(name, ref)`` receive calls (issue
+        them first), waited for with the send, all within ``deadline``.
 
         ``version`` may repeat the last one (a resumed job re-sends the restored version to fresh
         engines) but never go back.
@@ -202,7 +202,7 @@ class LearnerGroup:
         sends = [(name, w.broadcast_weights.remote(version)) for name, w in zip(self.names, self.workers)]
         sent = get_within([*sends, *receives], deadline, f"weight push to version {version}")[0]
         self.weight_version = version
-        return int(sent)
+        return sent
 
     # ------------------------------------------------------------------ checkpoints
 

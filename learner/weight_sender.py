@@ -4,8 +4,8 @@ A sync from the driver's point of view (the learner's Ray actor wraps these call
 
     host, port = sender.address()                    # once, and again whenever the group changes
     # concurrently: sender.join(world_size)  and  actor.join_weight_group(host, port, offset, world_size, secret)
-    plan = sender.plan(weight_meta)                  # JSON-able; the same for every sync of a model
-    # concurrently: sender.send(named_tensors, version)  and  actor.receive_weights(plan, version)
+    plan = sender.plan(weight_meta, places)          # JSON-able; the same for every sync of a model
+    # concurrently: sender.send(named_tensors, version, in_place)  and  actor.receive_weights(plan, version)
 
 Rank 0 of the group is this sender; rollout engine workers take ranks 1..world_size-1 (an actor
 with tensor-parallel size t takes t consecutive ranks from its offset). Each ``address()`` after
@@ -29,6 +29,8 @@ from segr1.weightsync.rendezvous import RendezvousServer, new_secret
 from segr1.weightsync.weight_sync import (
     DEFAULT_BUCKET_BYTES,
     BucketPlan,
+    Place,
+    Sent,
     WeightGroup,
     join_group,
     plan_buckets,
@@ -99,15 +101,21 @@ class WeightSender:
     def world_size(self) -> int:
         return 0 if self._group is None else self._group.world_size
 
-    def plan(self, named_tensors_meta: Iterable[tuple[str, Iterable[int], torch.dtype | str]]) -> BucketPlan:
-        """Bucket plan for tensors streamed in this order; kept for the following ``send`` calls."""
-        self._plan = plan_buckets(named_tensors_meta, self.bucket_bytes)
+    def plan(
+        self,
+        named_tensors_meta: Iterable[tuple[str, Iterable[int], torch.dtype | str]],
+        places: dict[str, Place] | None = None,
+    ) -> BucketPlan:
+        """Bucket plan for tensors streamed in this order (laid out as they lie in memory where
+        ``places`` says); kept for the following ``send`` calls."""
+        self._plan = plan_buckets(named_tensors_meta, self.bucket_bytes, places)
         return self._plan
 
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        """Stream one sync (the tensors in plan order) to every receiver; returns the bytes sent."""
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, in_place: bool = False) -> Sent:
+        """Stream one sync (the tensors in plan order) to every receiver. ``in_place``: the tensors
+        stay valid until this returns, so those lying in memory as planned are sent without a copy."""
         if self._group is None:
             raise RuntimeError("send before join: no weight group has been formed")
         if self._plan is None:
             raise RuntimeError("send before plan: call plan(weight_meta) first")
-        return send_buckets(self._group, self._plan, named_tensors, version)
+        return send_buckets(self._group, self._plan, named_tensors, version, in_place=in_place)

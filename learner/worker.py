@@ -48,6 +48,7 @@ from segr1.core.policy import ModelSettings
 from segr1.runtime.deadlines import hang_if_switched
 from segr1.runtime.ray_cluster import node_ip
 from segr1.runtime.storage import Storage, clear_local
+from segr1.weightsync.weight_sync import tensor_places
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -500,24 +501,32 @@ class LearnerWorker:
         if (host, int(port)) != sender.address():
             raise ValueError(f"init_weight_sync({host}:{port}) does not match the sender's {sender.address()}")
         sender.join(world_size)
-        return sender.plan(parameter_metas(self.engine.module)).to_json()
+        return self.weight_plan()
 
     def weight_plan(self) -> dict:
-        """Rank 0: the bucket plan of every sync (names, shapes, dtypes, offsets)."""
-        return self._sender().plan(parameter_metas(self.engine.module)).to_json()
+        """Rank 0: the bucket plan of every sync (names, shapes, dtypes, offsets).
 
-    def broadcast_weights(self, version: int) -> int:
+        Below ZeRO-3 the parameters are the learner's own memory (ZeRO-1/2: views of DeepSpeed's
+        flat buffer of each parameter group), so the plan lays them out as they lie and the push
+        sends that memory as it is; ZeRO-3's gathered parameters are copied as they arrive."""
+        module = self.engine.module
+        places = None if self.zero3 else tensor_places((n, p.detach()) for n, p in module.named_parameters())
+        return self._sender().plan(parameter_metas(module), places).to_json()
+
+    def broadcast_weights(self, version: int) -> dict[str, int]:
         """All ranks: gather (ZeRO-3) while rank 0 streams the weights to the rollout engines.
 
-        Returns the bytes rank 0 sent (0 on the other ranks).
+        Returns rank 0's ``bytes`` sent and how many of them it first ``staged`` (copied into a
+        send buffer); zeros on the other ranks.
         """
         chunk = self.settings.sync_bucket_mb << 20
         tensors = full_parameters(self.engine.module, self.zero3, chunk)
         if self.rank != 0:
             for _ in tensors:  # take part in every gather, in the same order as rank 0
                 pass
-            return 0
-        return int(self._sender().send(tensors, version))
+            return {"bytes": 0, "staged": 0}
+        sent = self._sender().send(tensors, version, in_place=not self.zero3)
+        return {"bytes": sent.bytes, "staged": sent.staged}
 
     def _sender(self):
         if self.rank != 0:

@@ -375,8 +375,27 @@ def test_zero2_grpo_step_moves_log_probs_and_resumes_exactly(
         # position came back with the checkpoint.
         factor = lr_factor(1, group.settings, group.run.decay_steps)
         assert resumed["lr"] == pytest.approx(2e-3 * factor) and factor < 1
+        # The push sends DeepSpeed's flat buffer of the trained matrices as it lies: the weights arrive
+        # bit for bit, and none of those matrices is copied first (the frozen vision tower and the
+        # small vectors may be).
+        received, sent, _ = _push_to_this_process(group, 1)
+        assert _digest(received) == digest
+        trained_matrices = sum(t.numel() * t.element_size() for name, t in received.items()
+                               if t.dim() >= 2 and "visual" not in name)
+        assert 0 < trained_matrices and sent["staged"] <= sent["bytes"] - trained_matrices, sent
     finally:
         group.shutdown()
+
+
+def _digest(named: dict[str, torch.Tensor]) -> str:
+    """``weights_digest`` of tensors in hand: SHA-256 over the names and bytes, in order."""
+    import hashlib
+
+    sha = hashlib.sha256()
+    for name, tensor in named.items():
+        sha.update(name.encode())
+        sha.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
 
 
 @pytest.mark.slow
@@ -450,11 +469,10 @@ def test_zero3_resume_in_new_ranks_and_export_matches_vllm(
         group.shutdown()
 
 
-def _check_weight_sync_sends_the_exported_weights(group, model_dir: Path) -> None:
-    """This process joins the weight group as a receiver; both ZeRO-3 ranks gather while rank 0 sends."""
+def _push_to_this_process(group, version: int) -> tuple[dict[str, torch.Tensor], dict[str, int], Any]:
+    """This process joins the weight group as a receiver; every rank takes part (ZeRO-3 ranks
+    gather) while rank 0 sends. Returns what arrived, the sender's report and the plan."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from transformers import AutoModelForImageTextToText
 
     from segr1.weightsync.weight_sync import BucketPlan, join_group, receive_buckets
 
@@ -463,9 +481,17 @@ def _check_weight_sync_sends_the_exported_weights(group, model_dir: Path) -> Non
         joined = pool.submit(group.init_weight_sync, host, port, 2)  # blocks until we join too
         receiver = join_group(host, port, 1, 2, "gloo", secret=group.secret, timeout_s=300)
         plan = BucketPlan.from_json(joined.result(timeout=300))
-        sent = pool.submit(group.broadcast_weights, 1)
-        received = {name: tensor.clone() for name, tensor in receive_buckets(receiver, plan, 1)}
-        assert sent.result(timeout=300) == plan.total_bytes
+        sent = pool.submit(group.broadcast_weights, version)
+        received = {name: tensor.clone() for name, tensor in receive_buckets(receiver, plan, version)}
+        return received, sent.result(timeout=300), plan
+
+
+def _check_weight_sync_sends_the_exported_weights(group, model_dir: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    received, sent, plan = _push_to_this_process(group, 1)
+    weights = sum(slot.nbytes for bucket in plan.buckets for slot in bucket.slots)
+    assert sent == {"bytes": plan.total_bytes, "staged": weights}  # ZeRO-3's gathers are copied as they come
     assert group.weight_version == 1
     with pytest.raises(ValueError, match="must not go back"):
         group.broadcast_weights(0)

@@ -26,7 +26,8 @@ from segr1.core.frames import PixelBounds
 from segr1.core.policy import ModelSettings
 from segr1.core.prompts import build_messages, render_prompt
 from segr1.core.schema import PromptItem, RolloutGroup, SampleScore, ScoredGroup, TrainSample, train_samples
-from segr1.weightsync.weight_sync import WeightSyncError
+from segr1.testing.layouts import zero2_like
+from segr1.weightsync.weight_sync import WeightSyncError, tensor_places
 
 pytestmark = pytest.mark.slow
 
@@ -114,15 +115,16 @@ def push(sender: WeightSender, model: torch.nn.Module, version: int, receive: Ca
     By default the model's parameters are both planned and streamed; ``planned``/``streamed``
     replace either, to break the sync on purpose.
     """
-    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    named = zero2_like([(n, p.detach()) for n, p in model.named_parameters()])  # the learner's memory
     planned = planned if planned is not None else named
     streamed = streamed if streamed is not None else planned
-    plan = sender.plan(weight_meta(planned))
+    plan = sender.plan(weight_meta(planned), tensor_places(planned))  # as the learner plans below ZeRO-3
+    assert any(len(bucket.segments) > 1 for bucket in plan.buckets)  # big tensors go out from their memory
     outcome: dict[str, Any] = {}
 
     def send() -> None:
         try:
-            outcome["sent"] = sender.send(iter(streamed), version)
+            outcome["sent"] = sender.send(iter(streamed), version, in_place=True)
         except BaseException as exc:  # noqa: BLE001 - re-raised below, in the test's thread
             outcome["error"] = exc
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from learner.weight_sender import WeightSender, weight_meta
+from segr1.testing.layouts import zero2_like
 from segr1.weightsync.weight_sync import (
     ALIGN_BYTES,
     BucketPlan,
@@ -23,6 +24,7 @@ from segr1.weightsync.weight_sync import (
     join_group,
     plan_buckets,
     receive_buckets,
+    tensor_places,
     unflatten,
 )
 
@@ -120,6 +122,10 @@ def form_group(sender: WeightSender, num_receivers: int, timeout_s: float = 30.0
     return results[1:]
 
 
+def padding(plan: BucketPlan) -> int:
+    return plan.total_bytes - sum(slot.nbytes for b in plan.buckets for slot in b.slots)
+
+
 def receive_all(group, plan, version):
     return {name: t.clone() for name, t in receive_buckets(group, plan, version)}
 
@@ -134,7 +140,7 @@ def test_every_receiver_gets_identical_tensors_and_the_group_survives_many_syncs
             [lambda: sender.send(iter(tensors), version)]
             + [lambda g=g: receive_all(g, BucketPlan.from_json(plan.to_json()), version) for g in receivers]
         )
-        assert results[0] == plan.total_bytes
+        assert results[0].bytes == plan.total_bytes and results[0].staged == plan.total_bytes - padding(plan)
         for received in results[1:]:
             assert list(received) == [n for n, _ in tensors]
             for name, original in tensors:
@@ -180,7 +186,7 @@ def test_a_bucket_never_lands_on_views_the_loader_still_holds():
 
     for version in (1, 2):
         results = run_ranks([lambda: sender.send(iter(tensors), version), lambda: load_holding_views(version)])
-        assert results == [plan.total_bytes, []]
+        assert results[0].bytes == plan.total_bytes and results[1] == []
 
 
 def test_a_stale_plan_or_version_fails_on_every_rank_without_hanging():
@@ -257,3 +263,48 @@ def test_sender_refuses_to_send_out_of_order():
         join_group("127.0.0.1", 1, 3, 2, "gloo", secret="s")
     with pytest.raises(ValueError, match="'gloo' or 'nccl'"):
         join_group("127.0.0.1", 1, 1, 2, "mpi", secret="s")
+
+
+def transformer_like(seed: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    tensors = [("embed.weight", torch.randn(1024, 512, generator=g))]  # every matrix >= DIRECT_MIN_BYTES
+    for i in range(6):
+        tensors += [(f"layers.{i}.q.weight", torch.randn(512, 512, generator=g)),
+                    (f"layers.{i}.q.bias", torch.randn(500, generator=g)),  # packing aligns: not as in memory
+                    (f"layers.{i}.mlp.weight", torch.randn(1024, 512, generator=g)),
+                    (f"layers.{i}.norm.weight", torch.randn(500, generator=g))]
+    return tensors
+
+
+def test_memory_that_lies_as_planned_is_sent_without_a_copy_and_moved_memory_still_arrives():
+    """ZeRO-1/2 parameters are views of flat buffers: a plan with their places sends those buffers'
+    bytes as they lie (only runs under DIRECT_MIN_BYTES are copied), in the module's order; memory
+    that moved since the plan (a parameter re-allocated) is copied instead, and arrives the same."""
+    sender = WeightSender(bucket_bytes=4 << 20)
+    (receiver,) = form_group(sender, 1)
+    tensors = zero2_like(transformer_like(seed=0))
+    plan = sender.plan(weight_meta(tensors), tensor_places(tensors))
+    assert max(len(b.segments) for b in plan.buckets) == 2  # the matrices' run and the packed vectors
+    vectors = sum(t.numel() * 4 for _, t in tensors if t.dim() < 2)
+    for version, streamed in ((1, tensors), (2, [(n, t.clone()) for n, t in tensors])):
+        results = run_ranks([lambda: sender.send(iter(streamed), version, in_place=True),
+                             lambda: receive_all(receiver, plan, version)])
+        assert list(results[1]) == [n for n, _ in tensors]
+        assert all(torch.equal(results[1][n], t) for n, t in tensors)
+        if version == 1:
+            assert results[0].staged <= vectors  # no matrix copied
+        else:  # runs of several matrices no longer lie as planned (a lone tensor still may)
+            assert results[0].staged > 2 * vectors
+
+
+def test_a_broken_stream_aborts_a_sync_sent_from_memory_and_the_group_stays_usable():
+    sender = WeightSender(bucket_bytes=4 << 20)
+    (receiver,) = form_group(sender, 1)
+    tensors = zero2_like(transformer_like(seed=1))
+    plan = sender.plan(weight_meta(tensors), tensor_places(tensors))
+    broken = [(n, t[:-1] if n == "layers.4.mlp.weight" else t) for n, t in tensors]
+    results = run_ranks([lambda: sender.send(iter(broken), 1, in_place=True), lambda: receive_all(receiver, plan, 1)])
+    assert isinstance(results[0], WeightSyncError) and "layers.4.mlp.weight" in str(results[0])
+    assert isinstance(results[1], WeightSyncError) and "aborted" in str(results[1])
+    results = run_ranks([lambda: sender.send(iter(tensors), 2, in_place=True), lambda: receive_all(receiver, plan, 2)])
+    assert all(torch.equal(results[1][n], t) for n, t in tensors)

@@ -146,7 +146,7 @@ class Trainer:
 
     def _train_one_step(self) -> dict[str, float]:
         trainer = self.cfg.trainer
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         if trainer.mode == "sync":
             self._submit(self.step)
         batch = self._collect_batch()
@@ -165,6 +165,7 @@ class Trainer:
             train_s=trained - rollout_done,
             sync_s=synced - trained,
             step_s=synced - started,
+            driver_cpu_s=time.process_time() - cpu_started,  # the driver's own work, its Ray threads included
             samples_per_s=len(samples) / max(synced - started, 1e-9),
             weight_version=self.version,
             rollout_engines=len(self.pipeline.rollout.live),

@@ -19,10 +19,17 @@ group uses, open only to holders of the job's secret) plus a ``ProcessGroupGloo`
 
 Stream framing: a sync opens with a handshake (the sender announces version and plan digest, all
 ranks vote, so a stale plan fails on every rank at once instead of hanging the sender). Each
-bucket's buffer then starts with a small header ``[status, bucket index]``: if the sender's tensors
-stop matching the plan, it still sends that bucket, marked ABORT, so every posted receive
-completes, the group stays usable, and each receiver raises a clear error instead of loading a
-half-written model or waiting for the collective's timeout.
+bucket then goes out as a small header ``[status, bucket index]`` followed by its segments: if the
+sender's tensors stop matching the plan, it still sends that bucket, marked ABORT, so every posted
+receive completes, the group stays usable, and each receiver raises a clear error instead of
+loading a half-written model or waiting for the collective's timeout.
+
+Why segments: a learner's parameters often already lie side by side in memory (DeepSpeed ZeRO-1/2
+keeps each parameter group in one flat buffer and makes every parameter a view of it). A plan made
+with the tensors' ``places`` lays such a run out in the bucket exactly as it lies in memory, as one
+segment, and the sender broadcasts that stretch of memory as it is: no copy into a staging buffer,
+whose memory traffic competes with the wire and the receiver's own copy. Tensors that are small or
+scattered share one packed segment per bucket, copied as before.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -39,7 +47,9 @@ import torch.distributed as dist
 from segr1.weightsync.rendezvous import RendezvousStore
 
 ALIGN_BYTES = 64  # every tensor starts on a 64-byte boundary, so dtype views of the buffer are legal
-HEADER_BYTES = 64  # each bucket's buffer starts with [status, bucket index] as int64
+HEADER_BYTES = 64  # each bucket's buffer starts with [status, bucket index] as int64, sent first
+DIRECT_MIN_BYTES = 1 << 20  # a shorter run of memory is copied (one more broadcast costs more), unless
+# it fills a quarter of its bucket
 DEFAULT_BUCKET_BYTES = 256 << 20
 HEADER_OK = 1
 HEADER_ABORT = 0
@@ -95,8 +105,24 @@ class TensorSlot:
 
 @dataclass(frozen=True)
 class Bucket:
+    """``segments``: ``(start, nbytes)`` stretches of the payload, each sent as one broadcast; a
+    slot lies inside exactly one of them."""
+
     nbytes: int
     slots: tuple[TensorSlot, ...]
+    segments: tuple[tuple[int, int], ...]
+    # the slots of each segment (indices into ``slots``), derived once
+    segment_slots: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        members: list[list[int]] = [[] for _ in self.segments]
+        for i, slot in enumerate(self.slots):
+            end = slot.offset + slot.nbytes
+            inside = [k for k, (start, n) in enumerate(self.segments) if start <= slot.offset and end <= start + n]
+            if len(inside) != 1:
+                raise ValueError(f"tensor {slot.name!r} (bytes {slot.offset}..{end}) is not inside one segment")
+            members[inside[0]].append(i)
+        object.__setattr__(self, "segment_slots", tuple(tuple(m) for m in members))
 
 
 @dataclass(frozen=True)
@@ -123,6 +149,7 @@ class BucketPlan:
                 {
                     "nbytes": b.nbytes,
                     "slots": [[s.name, list(s.shape), s.dtype, s.offset, s.nbytes] for s in b.slots],
+                    "segments": [list(segment) for segment in b.segments],
                 }
                 for b in self.buckets
             ]
@@ -138,6 +165,7 @@ class BucketPlan:
                         TensorSlot(str(n), tuple(int(x) for x in shape), str(dt), int(off), int(nb))
                         for n, shape, dt, off, nb in b["slots"]
                     ),
+                    segments=tuple((int(start), int(n)) for start, n in b["segments"]),
                 )
                 for b in data["buckets"]
             )
@@ -155,37 +183,112 @@ def _aligned(n: int) -> int:
     return (n + ALIGN_BYTES - 1) // ALIGN_BYTES * ALIGN_BYTES
 
 
+Place = tuple[int, int]  # where a tensor lies in memory: (its storage's address, byte offset)
+
+
+def tensor_places(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Place]:
+    """Where each contiguous tensor lies in memory, for ``plan_buckets`` (a strided view cannot be
+    sent as one stretch of memory, so it has no place)."""
+    return {
+        name: (t.untyped_storage().data_ptr(), t.storage_offset() * t.element_size())
+        for name, t in named_tensors
+        if t.is_contiguous()
+    }
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
 def plan_buckets(
-    metas: Iterable[tuple[str, Iterable[int], torch.dtype | str]], bucket_bytes: int
+    metas: Iterable[tuple[str, Iterable[int], torch.dtype | str]],
+    bucket_bytes: int,
+    places: dict[str, Place] | None = None,
 ) -> BucketPlan:
-    """Pack ``(name, shape, dtype)`` entries, in order, into buckets of at most ``bucket_bytes``.
+    """Pack ``(name, shape, dtype)`` entries, in order, into buckets of about ``bucket_bytes``.
 
     A tensor larger than ``bucket_bytes`` gets a bucket of its own. Order is kept because the
     sender streams tensors (e.g. gathered one ZeRO-3 module at a time) in exactly this order.
+    With ``places`` (``tensor_places`` of the tensors the sender will stream), the tensors of a
+    bucket that lie side by side in one storage, at least ``DIRECT_MIN_BYTES`` or a quarter of
+    the bucket, form a segment laid out as they lie in memory; the others share one packed segment.
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    buckets: list[Bucket] = []
-    slots: list[TensorSlot] = []
-    used = 0
-    seen: set[str] = set()
+    entries = _entries(metas)
+    if not entries:
+        raise ValueError("no tensors to plan: the weights iterable was empty")
+    min_run = min(DIRECT_MIN_BYTES, bucket_bytes // 4)
+    return BucketPlan(tuple(_layout(group, places or {}, min_run) for group in _cut(entries, bucket_bytes)))
+
+
+def _entries(metas: Iterable[tuple[str, Iterable[int], torch.dtype | str]]) -> list[_Entry]:
+    entries, seen = [], set()
     for name, shape, dtype in metas:
         if name in seen:
             raise ValueError(f"tensor {name!r} appears twice in the weights to send")
         seen.add(name)
         dt = dtype if isinstance(dtype, str) else dtype_name(dtype)
         dims = tuple(int(d) for d in shape)
-        nbytes = _numel(dims) * torch.empty((), dtype=dtype_from_name(dt)).element_size()
-        if slots and used + nbytes > bucket_bytes:
-            buckets.append(Bucket(used, tuple(slots)))
-            slots, used = [], 0
-        slots.append(TensorSlot(name, dims, dt, used, nbytes))
-        used = _aligned(used + nbytes)
-    if slots:
-        buckets.append(Bucket(used, tuple(slots)))
-    if not buckets:
-        raise ValueError("no tensors to plan: the weights iterable was empty")
-    return BucketPlan(tuple(buckets))
+        entries.append(_Entry(name, dims, dt, _numel(dims) * torch.empty((), dtype=dtype_from_name(dt)).element_size()))
+    return entries
+
+
+def _cut(entries: list[_Entry], bucket_bytes: int) -> list[list[_Entry]]:
+    groups: list[list[_Entry]] = [[]]
+    used = 0
+    for entry in entries:
+        if groups[-1] and used + entry.nbytes > bucket_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(entry)
+        used = _aligned(used + entry.nbytes)
+    return groups
+
+
+def _layout(group: list[_Entry], places: dict[str, Place], min_run: int) -> Bucket:
+    """Offsets of one bucket's tensors: runs of memory first (each a segment, as it lies), then
+    the rest packed one after the other (one more segment)."""
+    offsets: dict[str, int] = {}
+    segments: list[tuple[int, int]] = []
+    used = 0
+    for run in _runs(group, places, min_run):
+        low = places[run[0].name][1]
+        span = max(places[e.name][1] + e.nbytes for e in run) - low
+        offsets.update((e.name, used + places[e.name][1] - low) for e in run)
+        segments.append((used, span))
+        used = _aligned(used + span)
+    packed_start = used
+    for entry in group:
+        if entry.name not in offsets:
+            offsets[entry.name] = used
+            used = _aligned(used + entry.nbytes)
+    if used > packed_start:
+        segments.append((packed_start, used - packed_start))
+    slots = tuple(TensorSlot(e.name, e.shape, e.dtype, offsets[e.name], e.nbytes) for e in group)
+    return Bucket(used, slots, tuple(segments))
+
+
+def _runs(group: list[_Entry], places: dict[str, Place], min_run: int) -> list[list[_Entry]]:
+    """The bucket's tensors of one storage and dtype that tile a stretch of memory (gaps of
+    alignment only, no overlap) of at least ``min_run`` bytes."""
+    by_storage: dict[tuple[int, str], list[_Entry]] = {}
+    for entry in group:
+        if entry.name in places:
+            by_storage.setdefault((places[entry.name][0], entry.dtype), []).append(entry)
+    runs = []
+    for members in by_storage.values():
+        ordered = sorted(members, key=lambda e: places[e.name][1])
+        starts = [places[e.name][1] for e in ordered]
+        ends = [start + e.nbytes for start, e in zip(starts, ordered)]
+        tiled = all(0 <= nxt - end < ALIGN_BYTES for end, nxt in zip(ends, starts[1:]))
+        if tiled and ends[-1] - starts[0] >= min_run:
+            runs.append(ordered)
+    return runs
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -391,38 +494,50 @@ def _header(buffer: torch.Tensor) -> torch.Tensor:
     return buffer[:HEADER_BYTES].view(torch.int64)[:2]
 
 
+class Sent(NamedTuple):
+    bytes: int  # payload bytes broadcast
+    staged: int  # of which copied into a staging buffer first; the rest left from the tensors' memory
+
+
 def send_buckets(
     group: WeightGroup,
     plan: BucketPlan,
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     version: int,
-) -> int:
-    """Broadcast ``named_tensors`` (rank 0) bucket by bucket; returns the payload bytes sent.
+    *,
+    in_place: bool = False,
+) -> Sent:
+    """Broadcast ``named_tensors`` (rank 0) bucket by bucket.
 
-    Each tensor is copied into a staging buffer as soon as the iterable yields it (a ZeRO-3
-    gather may free it right after). Two staging buffers, kept for the next sync on CPU, let
-    packing bucket k+1 overlap the broadcast of bucket k. If a tensor does not
-    match the plan, the bucket goes out with an ABORT header (receivers raise, the group stays
-    in step) and this raises WeightSyncError.
+    Without ``in_place`` each tensor is copied into a staging buffer as soon as the iterable yields
+    it (a ZeRO-3 gather may free it right after). With ``in_place`` (the tensors stay valid and
+    unchanged until this returns: a module's own parameters) a segment whose tensors lie in memory
+    as planned is broadcast from there, and only the others are copied. Two staging buffers, kept
+    for the next sync on CPU, let staging bucket k+1 overlap the broadcast of bucket k. If a
+    tensor does not match the plan, the bucket goes out with an ABORT header (receivers raise,
+    the group stays in step) and this raises WeightSyncError.
     """
     _handshake(group, plan, version)
     stream = iter(named_tensors)
-    in_flight: list[dist.Work | None] = [None, None]
+    in_flight: list[list[dist.Work]] = [[], []]
+    staged = 0
     for index, bucket in enumerate(plan.buckets):
         side = index % 2
-        if in_flight[side] is not None:  # this side's previous bucket must have left
-            in_flight[side].wait()
+        for work in in_flight[side]:  # this side's previous bucket must have left
+            work.wait()
         buffer = group.staging(side, HEADER_BYTES + bucket.nbytes)
         try:
-            _fill(stream, bucket, buffer[HEADER_BYTES:])
+            sources, copied = _stage(stream, bucket, buffer[HEADER_BYTES:], in_place)
         except WeightSyncError as exc:
             _header(buffer).copy_(torch.tensor([HEADER_ABORT, index]))
-            group.broadcast(buffer).wait()
+            for work in _broadcast_bucket(group, bucket, buffer):
+                work.wait()
             raise WeightSyncError(f"sync of version {version} aborted at bucket {index}: {exc}") from exc
+        staged += copied
         _header(buffer).copy_(torch.tensor([HEADER_OK, index]))
-        in_flight[side] = group.broadcast(buffer)
-    for work in in_flight:
-        if work is not None:
+        in_flight[side] = _broadcast_bucket(group, bucket, buffer, sources)
+    for works in in_flight:
+        for work in works:
             work.wait()
     leftover = next(stream, None)
     if leftover is not None:
@@ -430,18 +545,69 @@ def send_buckets(
             f"tensor {leftover[0]!r} is not in the bucket plan of version {version} "
             "(the receivers loaded everything the plan named)"
         )
-    return plan.total_bytes
+    return Sent(plan.total_bytes, staged)
+
+
+def _broadcast_bucket(
+    group: WeightGroup, bucket: Bucket, buffer: torch.Tensor, sources: list[torch.Tensor] | None = None
+) -> list[dist.Work]:
+    """The header, then each segment: from ``sources`` where given, else from the buffer's payload."""
+    payload = buffer[HEADER_BYTES:]
+    segments = sources or [payload[start : start + n] for start, n in bucket.segments]
+    return [group.broadcast(buffer[:HEADER_BYTES]), *(group.broadcast(segment) for segment in segments)]
 
 
 @torch.no_grad()  # parameters require grad; copying them must not build a graph
-def _fill(stream: Iterator[tuple[str, torch.Tensor]], bucket: Bucket, payload: torch.Tensor) -> None:
-    for slot, view in zip(bucket.slots, bucket_views(bucket, payload)):
+def _stage(
+    stream: Iterator[tuple[str, torch.Tensor]], bucket: Bucket, payload: torch.Tensor, in_place: bool
+) -> tuple[list[torch.Tensor], int]:
+    """Take the bucket's tensors from the stream; returns what each segment is sent from, and the
+    bytes copied into ``payload`` to get there."""
+    views = bucket_views(bucket, payload)
+    tensors = []
+    for slot, view in zip(bucket.slots, views):
         item = next(stream, None)
         if item is None:
             raise WeightSyncError(f"the weights ran out before {slot.name!r}")
         name, tensor = item
         check_tensor(slot, name, tensor)
-        view.copy_(tensor)
+        if in_place:
+            tensors.append(tensor)
+        else:
+            view.copy_(tensor)
+    if not in_place:
+        return [payload[start : start + n] for start, n in bucket.segments], sum(s.nbytes for s in bucket.slots)
+    sources, copied = [], 0
+    for (start, n), members in zip(bucket.segments, bucket.segment_slots):
+        memory = _as_planned(bucket, members, tensors, start, n)
+        if memory is None:
+            for i in members:
+                views[i].copy_(tensors[i])
+                copied += bucket.slots[i].nbytes
+            memory = payload[start : start + n]
+        sources.append(memory)
+    return sources, copied
+
+
+def _as_planned(
+    bucket: Bucket, members: tuple[int, ...], tensors: list[torch.Tensor], start: int, nbytes: int
+) -> torch.Tensor | None:
+    """The ``nbytes`` of memory holding a segment's tensors where the plan puts them, as a uint8
+    tensor; None when they do not lie so (another storage, moved since the plan, a strided view)."""
+    first = tensors[members[0]]
+    storage = first.untyped_storage()
+    base = first.storage_offset() * first.element_size() - (bucket.slots[members[0]].offset - start)
+    if base < 0 or base + nbytes > storage.nbytes():
+        return None
+    for i in members:
+        tensor = tensors[i]
+        if (
+            not tensor.is_contiguous()
+            or tensor.untyped_storage().data_ptr() != storage.data_ptr()
+            or tensor.storage_offset() * tensor.element_size() != base + bucket.slots[i].offset - start
+        ):
+            return None
+    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, base, (nbytes,))
 
 
 def receive_buckets(
@@ -457,8 +623,9 @@ def receive_buckets(
     _handshake(group, plan, version)
     posted = _post_receive(group, plan.buckets[0])
     for index, bucket in enumerate(plan.buckets):
-        work, buffer = posted
-        work.wait()
+        works, buffer = posted
+        for work in works:
+            work.wait()
         status, sent_index = (int(x) for x in _header(buffer).tolist())
         if status != HEADER_OK:
             raise WeightSyncError(f"the sender aborted the sync of version {version} at bucket {index}")
@@ -469,9 +636,9 @@ def receive_buckets(
         yield from unflatten(bucket, buffer[HEADER_BYTES:])
 
 
-def _post_receive(group: WeightGroup, bucket: Bucket) -> tuple[dist.Work, torch.Tensor]:
+def _post_receive(group: WeightGroup, bucket: Bucket) -> tuple[list[dist.Work], torch.Tensor]:
     buffer = group.buffers.take(HEADER_BYTES + bucket.nbytes)
-    return group.broadcast(buffer), buffer
+    return _broadcast_bucket(group, bucket, buffer), buffer
 
 
 def drain(weights: Iterator[tuple[str, torch.Tensor]]) -> None:
