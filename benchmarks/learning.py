@@ -36,6 +36,7 @@ cannot look even when supervised; on salient position-coded ones it can (docs/tr
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -46,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segr1.core.files import write_atomic
 from segr1.core.metrics import iou, smeasure
 from segr1.core.rewards import RewardWeights
 from segr1.data.synth import KINDS
@@ -168,9 +170,9 @@ def plot(steps: list[dict], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    write_atomic(path, png.getvalue())
 
 
 def main() -> None:

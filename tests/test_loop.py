@@ -326,6 +326,8 @@ def test_the_driver_blocks_on_the_learner_when_nothing_is_in_flight(tmp_path):
     learner.busy_s = 0.3
     trainer.fit()
     assert learner.trained == [["g0", "g1"]]
+    (driver_cpu,) = logged(trainer, "driver_cpu_s")  # a figure users see
+    assert 0 < driver_cpu < learner.busy_s / 6  # measured: 0.012 s blocked, 0.11 s spinning
     assert trainer.pipeline.rollout.polls < 10  # the step's one collect; spinning made thousands
 
 
