@@ -308,3 +308,38 @@ def test_a_broken_stream_aborts_a_sync_sent_from_memory_and_the_group_stays_usab
     assert isinstance(results[1], WeightSyncError) and "aborted" in str(results[1])
     results = run_ranks([lambda: sender.send(iter(tensors), 2, in_place=True), lambda: receive_all(receiver, plan, 2)])
     assert all(torch.equal(results[1][n], t) for n, t in tensors)
+
+
+def test_empty_tensors_are_planned_and_arrive_empty():
+    sender = WeightSender(bucket_bytes=BUCKET_BYTES)
+    (receiver,) = form_group(sender, 1)
+    tensors = [("empty", torch.zeros(0)), ("w", torch.randn(4, 4)), ("none", torch.zeros(0, 3))]
+    plan = sender.plan(weight_meta(tensors), tensor_places(tensors))
+    for version, in_place in ((1, False), (2, True)):
+        results = run_ranks([lambda: sender.send(iter(tensors), version, in_place=in_place),
+                             lambda: receive_all(receiver, plan, version)])
+        assert [tuple(results[1][n].shape) for n, _ in tensors] == [(0,), (4, 4), (0, 3)]
+        assert torch.equal(results[1]["w"], tensors[1][1])
+    empties = [("a", torch.zeros(0)), ("b", torch.zeros(2, 0))]  # a bucket with nothing to send
+    plan = sender.plan(weight_meta(empties))
+    assert plan.buckets[0].segments == ()
+    results = run_ranks([lambda: sender.send(iter(empties), 3), lambda: receive_all(receiver, plan, 3)])
+    assert [tuple(t.shape) for t in results[1].values()] == [(0,), (2, 0)]
+
+
+def test_a_stream_that_fails_midway_aborts_the_sync_on_every_rank():
+    """A ZeRO-3 gather that raises: the receivers must hear ABORT, not wait for the timeout."""
+    sender = WeightSender(bucket_bytes=BUCKET_BYTES)
+    (receiver,) = form_group(sender, 1)
+    tensors = model_tensors()
+    plan = sender.plan(weight_meta(tensors))
+
+    def failing():
+        yield from tensors[:5]
+        raise RuntimeError("gather failed")
+
+    results = run_ranks([lambda: sender.send(failing(), 1), lambda: receive_all(receiver, plan, 1)])
+    assert isinstance(results[0], RuntimeError) and "gather failed" in str(results[0])
+    assert isinstance(results[1], WeightSyncError) and "aborted" in str(results[1])
+    results = run_ranks([lambda: sender.send(iter(tensors), 2), lambda: receive_all(receiver, plan, 2)])
+    assert all(torch.equal(results[1][n], t) for n, t in tensors)

@@ -111,7 +111,10 @@ class WeightSync:
             log.warning("re-forming the weight group: a rollout engine restarted, joined or left")
             self._form()
         receives = self.rollout.receive_weights(self.plan, version)
-        self.learner.broadcast_weights(version, list(zip(self.rollout.names, receives)), deadline)
+        sent = self.learner.broadcast_weights(version, list(zip(self.rollout.names, receives)), deadline)
+        if version <= 1 or not new:  # how the push goes out; staged bytes were copied before sending
+            log.info("weight push of version %d: %.0f MB, %.0f MB of it staged", version,
+                     sent["bytes"] / 1e6, sent["staged"] / 1e6)
         self.rollout.open_admitted()
         return version
 

@@ -49,7 +49,7 @@ from segr1.weightsync.rendezvous import RendezvousStore
 ALIGN_BYTES = 64  # every tensor starts on a 64-byte boundary, so dtype views of the buffer are legal
 HEADER_BYTES = 64  # each bucket's buffer starts with [status, bucket index] as int64, sent first
 DIRECT_MIN_BYTES = 1 << 20  # a shorter run of memory is copied (one more broadcast costs more), unless
-# it fills a quarter of its bucket
+# it is a quarter of the plan's bucket size
 DEFAULT_BUCKET_BYTES = 256 << 20
 HEADER_OK = 1
 HEADER_ABORT = 0
@@ -117,6 +117,8 @@ class Bucket:
     def __post_init__(self) -> None:
         members: list[list[int]] = [[] for _ in self.segments]
         for i, slot in enumerate(self.slots):
+            if slot.nbytes == 0:  # an empty tensor has no bytes to send or copy
+                continue
             end = slot.offset + slot.nbytes
             inside = [k for k, (start, n) in enumerate(self.segments) if start <= slot.offset and end <= start + n]
             if len(inside) != 1:
@@ -528,10 +530,12 @@ def send_buckets(
         buffer = group.staging(side, HEADER_BYTES + bucket.nbytes)
         try:
             sources, copied = _stage(stream, bucket, buffer[HEADER_BYTES:], in_place)
-        except WeightSyncError as exc:
+        except Exception as exc:  # a broken stream or a failed gather: every receiver must hear of it
             _header(buffer).copy_(torch.tensor([HEADER_ABORT, index]))
-            for work in _broadcast_bucket(group, bucket, buffer):
+            for work in [*in_flight[1 - side], *_broadcast_bucket(group, bucket, buffer)]:
                 work.wait()
+            if not isinstance(exc, WeightSyncError):
+                raise
             raise WeightSyncError(f"sync of version {version} aborted at bucket {index}: {exc}") from exc
         staged += copied
         _header(buffer).copy_(torch.tensor([HEADER_OK, index]))
@@ -579,7 +583,7 @@ def _stage(
         return [payload[start : start + n] for start, n in bucket.segments], sum(s.nbytes for s in bucket.slots)
     sources, copied = [], 0
     for (start, n), members in zip(bucket.segments, bucket.segment_slots):
-        memory = _as_planned(bucket, members, tensors, start, n)
+        memory = _as_planned(bucket, members, tensors, start, n, payload.device)
         if memory is None:
             for i in members:
                 views[i].copy_(tensors[i])
@@ -590,11 +594,17 @@ def _stage(
 
 
 def _as_planned(
-    bucket: Bucket, members: tuple[int, ...], tensors: list[torch.Tensor], start: int, nbytes: int
+    bucket: Bucket, members: tuple[int, ...], tensors: list[torch.Tensor], start: int, nbytes: int,
+    device: torch.device,
 ) -> torch.Tensor | None:
     """The ``nbytes`` of memory holding a segment's tensors where the plan puts them, as a uint8
-    tensor; None when they do not lie so (another storage, moved since the plan, a strided view)."""
+    tensor on the group's ``device``; None when they do not lie so (another storage or device,
+    moved since the plan, a strided view)."""
+    if not members:
+        return None
     first = tensors[members[0]]
+    if first.device != device:
+        return None
     storage = first.untyped_storage()
     base = first.storage_offset() * first.element_size() - (bucket.slots[members[0]].offset - start)
     if base < 0 or base + nbytes > storage.nbytes():
