@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from actors.pipeline import prompts_per_call
 from actors.vision_ban import VISION_TOKEN_BAN, vision_token_ids
 from actors.vllm_worker import quiet_known_vllm_noise
 from segr1.core.frames import processor_bounds, processor_size
@@ -569,10 +570,10 @@ class RolloutPool:
     def generate(
         self, items: list[PromptItem], sampling: SamplingSettings, batch_size: int | None = None
     ) -> list[RolloutGroup]:
-        """Every item's group, in input order, spread over the actors in batches."""
+        """Every item's group, in input order, spread over the actors: by default one call per
+        engine, as the training pipeline sends them (an engine batches only one call's prompts)."""
         if batch_size is None:
-            slots = self.engines * self.pool.max_in_flight
-            batch_size = max(1, -(-len(items) // slots))
+            batch_size = prompts_per_call(len(items), self.engines)
         tasks = [self.submit(items[i : i + batch_size], sampling) for i in range(0, len(items), batch_size)]
         self.pool.wait_all()
         return [group for task in tasks for group in task.result]
