@@ -1,36 +1,33 @@
-"""Proof that the loop learns: GRPO on a policy that can write answers but does not know where objects are.
+"""Learning to look: GRPO on a weak grounder, against a control whose advantages carry no information.
 
-    .venv/bin/python benchmarks/learning.py [--minutes 30] [--out runs/learning]
+    .venv/bin/python benchmarks/learning.py [--seeds 0 1 2] [--minutes 20] [--sft-steps 120] [--out runs/learning]
+
+For each seed, on the paper's premise (RL teaches a model that can already ground objects to
+prompt the segmenter well):
 
 1. Data: synthetic scenes (``segr1.data.synth``), 112 px, one object each: by default salient and
    position-coded (``--kind``, ``--position-code``), the scenes on which the tiny policy can learn
-   to localise at all (``benchmarks/localisation.py``).
-2. Warm start: ``python -m segr1.sft --random-coords`` teaches the tiny random Qwen2.5-VL the answer
-   format (think, box, points, labels) with every coordinate drawn at random, so the warm-started
-   policy writes well-formed answers whose boxes have nothing to do with the object.
-3. GRPO: ``segr1.run``'s own job (tiny preset: vLLM rollouts, reward actor, DeepSpeed learner, weight
-   sync) with the ``box`` segmenter, a deterministic stand-in for SAM2 whose best prompt is knowable
-   (docs/reward.md), for ``--steps`` or until the time budget runs out. The learning rate follows a
-   cosine from ``--lr`` to a tenth of it at ``--steps``: at a constant 3e-4 the tiny policy doubled its
-   reward, then collapsed into malformed answers (docs/training.md). No KL term by default: the
-   reference is the warm start, whose coordinates are random on purpose, so a KL to it pulls against
-   exactly what this benchmark measures.
+   to localise at all (``benchmarks/localisation.py``), and 64 held-out ones never trained on.
+2. Warm start (``--warm-start grounder``): ``python -m segr1.sft`` on the true boxes for
+   ``--sft-steps``, meant to be just long enough to make the tiny random Qwen2.5-VL a weak grounder
+   (a little above the image-blind box). ``--warm-start format`` is the older start: the answer
+   format with random coordinates.
+3. GRPO: ``segr1.run``'s own job (tiny preset: vLLM rollouts, reward actor, DeepSpeed learner,
+   weight sync) with the ``box`` segmenter (a deterministic stand-in for SAM2 whose best prompt is
+   knowable, docs/reward.md), for ``--steps`` or ``--minutes``, whichever ends first. The learning
+   rate follows a cosine from ``--lr`` to a tenth of it at ``--steps``. No KL term by default.
+4. Control (``--control``, on by default): the same run from the same warm start with
+   ``grpo.shuffle_rewards`` (each group trained on another group's rewards), so what it gains does
+   not come from the rewards.
 
-The first 10 steps sample the warm-started policy (each step moves it only a little); the last 10
-sample what GRPO made of it. The goal is judged on the segmentation reward (0.7 IoU + 0.3 S-measure,
-the part of the paper's reward that depends on where the answer points): it should at least double.
-The total reward is printed beside it: it starts near 0.8 (at most 2), about 0.6 of it the format
-part the warm start already earns, so it cannot double. The reward curve is saved as
-``<out>/reward_curve.png``.
+Each run answers the held-out scenes greedily before its first step and after its last. The
+image-blind answer is the one box that scores best on average over the training scenes: a policy
+that beats it on held-out scenes looks at each image.
 
-The same job also answers 64 held-out scenes greedily, once with the warm start (before the first
-step) and once with the trained policy (after the last): the gain there is on images GRPO never
-trained on, from one and the same starting point.
-
-Last, it prints the image-blind answer: the one box that scores best on average over the training
-scenes, and whether the trained policy beats it on the held-out scenes, that is, whether it looks
-at each image rather than answering where objects tend to be. On camouflage scenes the tiny policy
-cannot look even when supervised; on salient position-coded ones it can (docs/training.md).
+Goal, per seed: the trained policy's held-out IoU at least 0.05 above its warm start's and above
+the blind box's; the control's at most 0.02 above the warm start's; the trained policy's format
+reward over its last 10 steps not below its first 10. One table row per seed; the curves go to
+``<out>/seed_<k>/{grpo,control}_curve.png``; the last line is JSON.
 """
 
 from __future__ import annotations
@@ -57,27 +54,30 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 WINDOW = 10
 PARTS = ("reward", "format", "iou", "segmentation")
-HELDOUT = 64  # held-out scenes, scored greedily before and after GRPO
-SHUTDOWN_MARGIN_S = 120  # held-out scoring, final checkpoint and actor shutdown, inside the budget
+HELDOUT = 64  # held-out scenes, scored greedily before and after each run
+GAIN, CONTROL_GAIN = 0.05, 0.02  # the goal's margins on held-out IoU
 
 
-def warm_start(model: Path, data: Path, out: Path, args: argparse.Namespace) -> Path:
-    """SFT with random coordinates in a child process (it runs its own one-rank DeepSpeed job)."""
+def warm_start(model: Path, data: Path, out: Path, seed: int, args: argparse.Namespace) -> Path:
+    """SFT in a child process (it runs its own one-rank DeepSpeed job): on the true boxes (a weak
+    grounder) or with random coordinates (the format only)."""
     exported = out / "warm_start_hf"
     command = [
         sys.executable, "-m", "segr1.sft", "--model", str(model), "--data", str(data),
         "--output", str(out / "warm_start"), "--steps", str(args.sft_steps), "--batch-size", "16",
-        "--micro-batch-size", "16", "--lr", "1e-3", "--random-coords", "--export", str(exported),
-        "--seed", str(args.seed), "--min-pixels", str(args.policy_pixels), "--max-pixels", str(args.policy_pixels),
+        "--micro-batch-size", "16", "--lr", "1e-3", "--export", str(exported),
+        "--seed", str(seed), "--min-pixels", str(args.policy_pixels), "--max-pixels", str(args.policy_pixels),
         "--dtype", "float32",
     ]
+    if args.warm_start == "format":
+        command.append("--random-coords")
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return exported
 
 
-def grpo(policy: Path, data: Path, heldout: Path, out: Path, args: argparse.Namespace,
-         deadline: float) -> tuple[list[dict], dict[str, float], dict[str, float]]:
-    """The GRPO steps' metrics, and greedy held-out scores of the warm start and of the trained policy."""
+def grpo(policy: Path, data: Path, heldout: Path, out: Path, seed: int, shuffle: bool,
+         args: argparse.Namespace) -> tuple[list[dict], dict[str, float], dict[str, float]]:
+    """One run's steps and greedy held-out scores before and after it; ``shuffle``: the control."""
     from segr1.config import load_config
     from segr1.train.job import build_job
 
@@ -85,18 +85,18 @@ def grpo(policy: Path, data: Path, heldout: Path, out: Path, args: argparse.Name
         "--model.path", str(policy), "--sam2.backend", "box", "--data.train", str(data), "--data.eval", str(heldout),
         "--rollout.group_size", str(args.group_size), "--rollout.max_tokens", "96",
         "--trainer.prompts_per_step", str(args.prompts), "--trainer.steps", str(args.steps),
-        "--trainer.mode", args.mode,
+        "--trainer.mode", args.mode, "--grpo.shuffle_rewards", str(shuffle).lower(),
         "--learner.lr", str(args.lr), "--learner.lr_schedule", args.lr_schedule, "--learner.min_lr_ratio", "0.1",
         "--learner.micro_batch_size", "32", "--grpo.kl_coef", str(args.kl_coef),
         # An eval period past the run loads the held-out prompts; they are scored below, before and after.
         "--trainer.eval_every", str(10**9), "--trainer.sample_every", "0", "--trainer.checkpoint_every", "0",
         "--model.min_pixels", str(args.policy_pixels), "--model.max_pixels", str(args.policy_pixels),
-        "--trainer.output_dir", str(out / "grpo"), "--trainer.seed", str(args.seed), "--data.seed", str(args.seed),
+        "--trainer.output_dir", str(out), "--trainer.seed", str(seed), "--data.seed", str(seed),
     ])
-    job = build_job(config, out / "grpo")
+    job = build_job(config, out)
     try:
         before = job.trainer.evaluate()
-        timer = threading.Timer(deadline - time.monotonic(), job.trainer.request_stop)
+        timer = threading.Timer(args.minutes * 60, job.trainer.request_stop)
         timer.start()
         try:
             job.trainer.fit()
@@ -105,7 +105,7 @@ def grpo(policy: Path, data: Path, heldout: Path, out: Path, args: argparse.Name
         after = job.trainer.evaluate()
     finally:
         job.shutdown()
-    lines = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [line for line in lines if "reward" in line and "eval_reward" not in line], before, after
 
 
@@ -151,7 +151,7 @@ def window_means(steps: list[dict]) -> tuple[dict[str, float], dict[str, float]]
     return mean(steps[:WINDOW]), mean(steps[-WINDOW:])
 
 
-def plot(steps: list[dict], path: Path) -> None:
+def plot(steps: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,7 +166,7 @@ def plot(steps: list[dict], path: Path) -> None:
         ax.plot(x[WINDOW - 1 :], smooth, color=line.get_color(), label=f"{key} ({WINDOW}-step mean)")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("mean over the step's samples")
-    ax.set_title("GRPO from a random-coordinate warm start (tiny Qwen2.5-VL, box segmenter)")
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -175,15 +175,56 @@ def plot(steps: list[dict], path: Path) -> None:
     write_atomic(path, png.getvalue())
 
 
+def run_seed(seed: int, args: argparse.Namespace) -> dict:
+    from segr1.data import synth_records, write_synth
+    from segr1.testing.tiny import build_qwen
+
+    out = args.out / f"seed_{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    data, heldout = out / "data", out / "heldout"
+    scenes = {"kind": args.kind, "position_code": args.position_code}
+    write_synth(data, args.records, 112, seed=seed, overwrite=True, **scenes)
+    write_synth(heldout, HELDOUT, 112, seed=seed + 10_000, overwrite=True, **scenes)
+    started = time.monotonic()
+    policy = warm_start(build_qwen(seed=seed), data, out, seed, args)
+    print(f"seed {seed}: warm start ({args.warm_start}, {args.sft_steps} SFT steps) in "
+          f"{time.monotonic() - started:.0f} s", flush=True)
+    steps, before, after = grpo(policy, data, heldout, out / "grpo", seed, False, args)
+    if len(steps) < 2 * WINDOW:
+        raise SystemExit(f"seed {seed}: only {len(steps)} GRPO steps ran; need {2 * WINDOW} to compare windows")
+    plot(steps, out / "grpo_curve.png", f"GRPO from a {args.warm_start} warm start, seed {seed}")
+    first, last = window_means(steps)
+    row = {"seed": seed, "steps": len(steps), "warm_start": before["eval_iou"], "grpo": after["eval_iou"],
+           "format_first": first["format"], "format_last": last["format"]}
+    if args.control:
+        control_steps, _, control = grpo(policy, data, heldout, out / "control", seed, True, args)
+        plot(control_steps, out / "control_curve.png", f"control (rewards shuffled across groups), seed {seed}")
+        row.update(control=control["eval_iou"], control_steps=len(control_steps))
+    train_masks = np.stack([r.mask for r in synth_records(args.records, 112, seed, **scenes)])
+    heldout_masks = np.stack([r.mask for r in synth_records(HELDOUT, 112, seed + 10_000, **scenes)])
+    row["blind_box"] = blind_scores(blind_box(train_masks), heldout_masks)["iou"]
+    row["goal_met"] = (row["grpo"] >= row["warm_start"] + GAIN and row["grpo"] > row["blind_box"]
+                       and row["format_last"] >= row["format_first"]
+                       and (not args.control or row["control"] <= row["warm_start"] + CONTROL_GAIN))
+    print(json.dumps({"seed_row": row}), flush=True)  # each seed's row as soon as it is known
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=30.0, help="budget for everything, warm start included")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="each draws the scenes, the tiny model and the sampling")
+    parser.add_argument("--minutes", type=float, default=20.0, help="budget of each GRPO run (and of the control)")
     parser.add_argument("--out", type=Path, default=Path("runs/learning"))
     parser.add_argument("--records", type=int, default=256)
-    parser.add_argument("--sft-steps", type=int, default=400)
+    parser.add_argument("--warm-start", choices=("grounder", "format"), default="grounder",
+                        help="SFT on the true boxes, or on random coordinates (the format only)")
+    parser.add_argument("--sft-steps", type=int, default=120)
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the control: the same run with the rewards shuffled across groups")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per GRPO step")
-    parser.add_argument("--steps", type=int, default=500, help="GRPO steps, unless the budget ends first")
+    parser.add_argument("--steps", type=int, default=500, help="GRPO steps, unless --minutes ends the run first")
     parser.add_argument("--mode", choices=("sync", "async"), default="sync",
                         help="async: the next step's rollouts run while the learner trains (one step off-policy)")
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -191,60 +232,23 @@ def main() -> None:
                         help="cosine: down to 0.1 x lr at --steps")
     parser.add_argument("--policy-pixels", type=int, default=112 * 112,
                         help="the policy sees each scene resized to this many pixels (28 x 28 per image token)")
-    parser.add_argument("--seed", type=int, default=0, help="draws the scenes, the tiny model and the sampling")
     parser.add_argument("--kind", choices=sorted(KINDS), default="salient", help="synthetic scene kind")
     parser.add_argument("--position-code", action=argparse.BooleanOptionalAction, default=True,
                         help="scenes whose green and blue channels give each pixel's column and row")
     parser.add_argument("--kl-coef", type=float, default=0.0, help="KL to the warm start (the paper uses 0.04)")
     args = parser.parse_args()
-    started = time.monotonic()
-    args.out.mkdir(parents=True, exist_ok=True)
 
-    from segr1.data import synth_records, write_synth
-    from segr1.testing.tiny import build_qwen
-
-    data, heldout = args.out / "data", args.out / "heldout"
-    scenes = {"kind": args.kind, "position_code": args.position_code}
-    write_synth(data, args.records, 112, seed=args.seed, overwrite=True, **scenes)
-    write_synth(heldout, HELDOUT, 112, seed=args.seed + 10_000, overwrite=True, **scenes)  # never trained on
-    policy = warm_start(build_qwen(seed=args.seed), data, args.out, args)
-    sft_s = time.monotonic() - started
-    print(f"warm start (SFT, random coordinates, {args.sft_steps} steps): {sft_s:.0f} s", flush=True)
-
-    deadline = started + args.minutes * 60 - SHUTDOWN_MARGIN_S
-    if deadline - time.monotonic() < 120:
-        raise SystemExit(f"--minutes {args.minutes}: too short, the warm start alone took {sft_s:.0f} s")
-    steps, before, after = grpo(policy, data, heldout, args.out, args, deadline)
-    if len(steps) < 2 * WINDOW:
-        raise SystemExit(f"only {len(steps)} GRPO steps ran; need {2 * WINDOW} to compare windows")
-    first, last = window_means(steps)
-    curve = args.out / "reward_curve.png"
-    plot(steps, curve)
-
-    total_min = (time.monotonic() - started) / 60
-    print(f"\n{len(steps)} GRPO steps x {args.prompts} prompts x G={args.group_size}; "
-          f"{total_min:.1f} min in all (budget {args.minutes:g})")
-    print(f"{'':<14}{'first ' + str(WINDOW):>10}{'last ' + str(WINDOW):>10}{'last/first':>12}")
-    for key in PARTS:
-        print(f"{key:<14}{first[key]:>10.3f}{last[key]:>10.3f}{last[key] / max(first[key], 1e-9):>12.2f}")
-    print(f"held-out ({HELDOUT} unseen scenes, greedy): reward {before['eval_reward']:.3f} -> "
-          f"{after['eval_reward']:.3f}, IoU {before['eval_iou']:.3f} -> {after['eval_iou']:.3f} "
-          "(warm start -> after GRPO)")
-    train_masks = np.stack([record.mask for record in synth_records(args.records, 112, args.seed, **scenes)])
-    heldout_masks = np.stack([record.mask for record in synth_records(HELDOUT, 112, args.seed + 10_000, **scenes)])
-    box = blind_box(train_masks)
-    blind, blind_heldout = blind_scores(box, train_masks), blind_scores(box, heldout_masks)
-    print(f"image-blind answer, the one box best on average over the training scenes {list(box)}: "
-          f"segmentation {blind['segmentation']:.3f} (x{blind['segmentation'] / max(first['segmentation'], 1e-9):.2f}"
-          f" the first {WINDOW}; the last {WINDOW} reach {last['segmentation'] / blind['segmentation']:.0%} of it), "
-          f"IoU {blind['iou']:.3f}, held-out IoU {blind_heldout['iou']:.3f}")
-    ratio = last["segmentation"] / max(first["segmentation"], 1e-9)
-    verdict = "met" if ratio >= 2 and total_min <= args.minutes else "NOT met"
-    print(f"goal (segmentation reward at least doubles within {args.minutes:g} min): {verdict}, x{ratio:.2f}")
-    looks = "yes" if after["eval_iou"] > blind_heldout["iou"] else "no"
-    print(f"does the trained policy look at each image (held-out IoU above the image-blind box's)? {looks}: "
-          f"{after['eval_iou']:.3f} vs {blind_heldout['iou']:.3f}")
-    print(f"reward curve: {curve}")
+    rows = [run_seed(seed, args) for seed in args.seeds]
+    print(f"\nheld-out IoU ({HELDOUT} unseen scenes, greedy); goal: GRPO >= warm start + {GAIN} and > blind box, "
+          f"control <= warm start + {CONTROL_GAIN}, format last {WINDOW} >= first {WINDOW}")
+    print(f"{'seed':>4} {'steps':>6} {'warm start':>11} {'GRPO':>7} {'control':>8} {'blind box':>10} "
+          f"{'format first -> last':>21} {'goal':>5}")
+    for row in rows:
+        control = f"{row['control']:8.3f}" if "control" in row else f"{'-':>8}"
+        print(f"{row['seed']:>4} {row['steps']:>6} {row['warm_start']:>11.3f} {row['grpo']:>7.3f} {control} "
+              f"{row['blind_box']:>10.3f} {row['format_first']:>10.3f} -> {row['format_last']:<7.3f} "
+              f"{'met' if row['goal_met'] else 'NOT':>5}")
+    print(json.dumps({"rows": rows, "goal_met": all(row["goal_met"] for row in rows)}))
 
 
 if __name__ == "__main__":

@@ -77,12 +77,14 @@ class FakeLearner:
     def __init__(self, events, wait_for=lambda k: [], reward_pool=None):
         self.events, self.wait_for, self.reward_pool = events, wait_for, reward_pool
         self.weight_version, self.started, self.trained, self.busy_s = 0, 0, [], 0.0
+        self.advantages = []  # per train_step: each group's samples' advantages
 
     def train_step(self, samples):
         ids = list(dict.fromkeys(s.group_id for s in samples))
         self.events.append(("train_start", ids))
         k, self.started = self.started, self.started + 1
         self.trained.append(ids)
+        self.advantages.append({gid: [s.advantage for s in samples if s.group_id == gid] for gid in ids})
         time.sleep(self.busy_s)
         awaited = self.wait_for(k)
         if awaited and not self.reward_pool.wait_scored(awaited, WAIT_S):
@@ -265,6 +267,25 @@ def test_a_zero_variance_group_is_dropped_and_refilled_when_filtering(tmp_path, 
         assert draws(events) == [["g0", "g1"]]
         assert logged(trainer, "dropped_zero_variance") == [0]
         assert logged(trainer, "zero_variance_groups") == [1.0]
+
+
+def test_a_control_run_trains_each_group_on_another_groups_rewards_and_logs_the_true_ones(tmp_path):
+    """``grpo.shuffle_rewards`` (the learning benchmark's control): the advantages must come from
+    another group of the batch (else the control still carries the signal), the logged reward not."""
+    ascending, descending = [0.0, 0.25, 0.5, 1.0], [1.0, 0.5, 0.25, 0.0]
+    rewards_of = lambda gid: ascending if index(gid) % 2 == 0 else descending  # noqa: E731
+    runs = {}
+    for shuffled in (False, True):
+        trainer, learner, _ = make_trainer(tmp_path / str(shuffled), [
+            "--trainer.steps", "2", "--grpo.shuffle_rewards", str(shuffled).lower()], rewards_of=rewards_of)
+        trainer.fit()
+        runs[shuffled] = learner.advantages, logged(trainer, "reward")
+    (plain, plain_reward), (shuffled, shuffled_reward) = runs[False], runs[True]
+    assert plain_reward == shuffled_reward == [pytest.approx(0.4375)] * 2
+    for step_plain, step_shuffled in zip(plain, shuffled):
+        (a, b) = step_plain  # the batch's two groups, in order
+        assert step_plain[a][0] < 0 < step_plain[a][-1]  # its own rewards rise along the group
+        assert step_shuffled[a] == step_plain[b] and step_shuffled[b] == step_plain[a]
 
 
 def test_the_refill_limit_stops_a_step_that_never_fills(tmp_path):

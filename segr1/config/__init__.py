@@ -61,6 +61,9 @@ class GRPOConfig(LossSettings):
     std_normalize: bool = True
     epsilon: float = 1e-6
     filter_zero_variance: bool = False
+    # A control run's switch (benchmarks/learning.py): each group's advantages come from another
+    # group's rewards, so they say nothing about its answers; logged rewards stay the true ones.
+    shuffle_rewards: bool = False
 
 
 @dataclass

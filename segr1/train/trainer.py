@@ -221,6 +221,8 @@ class Trainer:
 
     def _train_samples(self, batch: Batch) -> list:
         rewards = torch.tensor([g.group.rewards for g in batch.groups], dtype=torch.float64)
+        if self.cfg.grpo.shuffle_rewards and len(rewards) > 1:  # a cyclic shift: no group keeps its own
+            rewards = rewards.roll(1 + self.step % (len(rewards) - 1), dims=0)
         advantages = group_advantages(rewards, self.cfg.grpo.std_normalize, self.cfg.grpo.epsilon)
         samples = []
         for scored, adv in zip(batch.groups, advantages.tolist()):
