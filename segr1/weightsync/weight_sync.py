@@ -556,17 +556,20 @@ def _broadcast_bucket(
     group: WeightGroup, bucket: Bucket, buffer: torch.Tensor, sources: list[torch.Tensor] | None = None
 ) -> list[dist.Work]:
     """The header, then each segment: from ``sources`` where given, else from the buffer's payload."""
-    payload = buffer[HEADER_BYTES:]
-    segments = sources or [payload[start : start + n] for start, n in bucket.segments]
+    segments = _payload_segments(bucket, buffer[HEADER_BYTES:]) if sources is None else sources
     return [group.broadcast(buffer[:HEADER_BYTES]), *(group.broadcast(segment) for segment in segments)]
+
+
+def _payload_segments(bucket: Bucket, payload: torch.Tensor) -> list[torch.Tensor]:
+    return [payload[start : start + n] for start, n in bucket.segments]
 
 
 @torch.no_grad()  # parameters require grad; copying them must not build a graph
 def _stage(
     stream: Iterator[tuple[str, torch.Tensor]], bucket: Bucket, payload: torch.Tensor, in_place: bool
-) -> tuple[list[torch.Tensor], int]:
-    """Take the bucket's tensors from the stream; returns what each segment is sent from, and the
-    bytes copied into ``payload`` to get there."""
+) -> tuple[list[torch.Tensor] | None, int]:
+    """Take the bucket's tensors from the stream; returns what each segment is sent from (None: all
+    from ``payload``), and the bytes copied into ``payload`` to get there."""
     views = bucket_views(bucket, payload)
     tensors = []
     for slot, view in zip(bucket.slots, views):
@@ -580,15 +583,16 @@ def _stage(
         else:
             view.copy_(tensor)
     if not in_place:
-        return [payload[start : start + n] for start, n in bucket.segments], sum(s.nbytes for s in bucket.slots)
+        return None, sum(s.nbytes for s in bucket.slots)
     sources, copied = [], 0
-    for (start, n), members in zip(bucket.segments, bucket.segment_slots):
+    staged = _payload_segments(bucket, payload)
+    for (start, n), members, segment in zip(bucket.segments, bucket.segment_slots, staged):
         memory = _as_planned(bucket, members, tensors, start, n, payload.device)
         if memory is None:
             for i in members:
                 views[i].copy_(tensors[i])
                 copied += bucket.slots[i].nbytes
-            memory = payload[start : start + n]
+            memory = segment
         sources.append(memory)
     return sources, copied
 
