@@ -76,8 +76,9 @@ def warm_start(model: Path, data: Path, out: Path, seed: int, args: argparse.Nam
 
 
 def grpo(policy: Path, data: Path, heldout: Path, out: Path, seed: int, shuffle: bool,
-         args: argparse.Namespace) -> tuple[list[dict], dict[str, float], dict[str, float]]:
-    """One run's steps and greedy held-out scores before and after it; ``shuffle``: the control."""
+         args: argparse.Namespace) -> tuple[list[dict], list[dict], dict[str, float], dict[str, float]]:
+    """One run's steps, its held-out evaluations every ``--eval-every`` steps, and its greedy
+    held-out scores before and after it; ``shuffle``: the control."""
     from segr1.config import load_config
     from segr1.train.job import build_job
 
@@ -88,8 +89,9 @@ def grpo(policy: Path, data: Path, heldout: Path, out: Path, seed: int, shuffle:
         "--trainer.mode", args.mode, "--grpo.shuffle_rewards", str(shuffle).lower(),
         "--learner.lr", str(args.lr), "--learner.lr_schedule", args.lr_schedule, "--learner.min_lr_ratio", "0.1",
         "--learner.micro_batch_size", "32", "--grpo.kl_coef", str(args.kl_coef),
-        # An eval period past the run loads the held-out prompts; they are scored below, before and after.
-        "--trainer.eval_every", str(10**9), "--trainer.sample_every", "0", "--trainer.checkpoint_every", "0",
+        # With no period, one past the run still loads the held-out prompts, scored below before and after.
+        "--trainer.eval_every", str(args.eval_every or 10**9),
+        "--trainer.sample_every", "0", "--trainer.checkpoint_every", "0",
         "--model.min_pixels", str(args.policy_pixels), "--model.max_pixels", str(args.policy_pixels),
         "--trainer.output_dir", str(out), "--trainer.seed", str(seed), "--data.seed", str(seed),
     ])
@@ -106,7 +108,9 @@ def grpo(policy: Path, data: Path, heldout: Path, out: Path, seed: int, shuffle:
     finally:
         job.shutdown()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [line for line in lines if "reward" in line and "eval_reward" not in line], before, after
+    steps = [line for line in lines if "reward" in line and "eval_reward" not in line]
+    evals = [line for line in lines if "eval_iou" in line]
+    return steps, evals, before, after
 
 
 def blind_box(masks: np.ndarray, step: int = 4) -> tuple[int, int, int, int]:
@@ -151,7 +155,7 @@ def window_means(steps: list[dict]) -> tuple[dict[str, float], dict[str, float]]
     return mean(steps[:WINDOW]), mean(steps[-WINDOW:])
 
 
-def plot(steps: list[dict], path: Path, title: str) -> None:
+def plot(steps: list[dict], evals: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,6 +168,8 @@ def plot(steps: list[dict], path: Path, title: str) -> None:
         smooth = np.convolve(y, np.ones(WINDOW) / WINDOW, mode="valid")
         (line,) = ax.plot(x, y, alpha=0.2)
         ax.plot(x[WINDOW - 1 :], smooth, color=line.get_color(), label=f"{key} ({WINDOW}-step mean)")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["eval_iou"] for e in evals], "ko-", label="held-out IoU (greedy)")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("mean over the step's samples")
     ax.set_title(title)
@@ -189,17 +195,20 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     policy = warm_start(build_qwen(seed=seed), data, out, seed, args)
     print(f"seed {seed}: warm start ({args.warm_start}, {args.sft_steps} SFT steps) in "
           f"{time.monotonic() - started:.0f} s", flush=True)
-    steps, before, after = grpo(policy, data, heldout, out / "grpo", seed, False, args)
+    steps, evals, before, after = grpo(policy, data, heldout, out / "grpo", seed, False, args)
     if len(steps) < 2 * WINDOW:
         raise SystemExit(f"seed {seed}: only {len(steps)} GRPO steps ran; need {2 * WINDOW} to compare windows")
-    plot(steps, out / "grpo_curve.png", f"GRPO from a {args.warm_start} warm start, seed {seed}")
+    plot(steps, evals, out / "grpo_curve.png", f"GRPO from a {args.warm_start} warm start, seed {seed}")
     first, last = window_means(steps)
     row = {"seed": seed, "steps": len(steps), "warm_start": before["eval_iou"], "grpo": after["eval_iou"],
-           "format_first": first["format"], "format_last": last["format"]}
+           "format_first": first["format"], "format_last": last["format"],
+           "heldout_curve": [[e["step"], round(e["eval_iou"], 3)] for e in evals]}
     if args.control:
-        control_steps, _, control = grpo(policy, data, heldout, out / "control", seed, True, args)
-        plot(control_steps, out / "control_curve.png", f"control (rewards shuffled across groups), seed {seed}")
-        row.update(control=control["eval_iou"], control_steps=len(control_steps))
+        control_steps, control_evals, _, control = grpo(policy, data, heldout, out / "control", seed, True, args)
+        plot(control_steps, control_evals, out / "control_curve.png",
+             f"control (rewards shuffled across groups), seed {seed}")
+        row.update(control=control["eval_iou"], control_steps=len(control_steps),
+                   control_heldout_curve=[[e["step"], round(e["eval_iou"], 3)] for e in control_evals])
     train_masks = np.stack([r.mask for r in synth_records(args.records, 112, seed, **scenes)])
     heldout_masks = np.stack([r.mask for r in synth_records(HELDOUT, 112, seed + 10_000, **scenes)])
     row["blind_box"] = blind_scores(blind_box(train_masks), heldout_masks)["iou"]
@@ -235,6 +244,8 @@ def main() -> None:
     parser.add_argument("--kind", choices=sorted(KINDS), default="salient", help="synthetic scene kind")
     parser.add_argument("--position-code", action=argparse.BooleanOptionalAction, default=True,
                         help="scenes whose green and blue channels give each pixel's column and row")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="also answer the held-out scenes every this many steps (0: before and after only)")
     parser.add_argument("--kl-coef", type=float, default=0.0, help="KL to the warm start (the paper uses 0.04)")
     args = parser.parse_args()
 
