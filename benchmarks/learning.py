@@ -1,6 +1,6 @@
 """Learning to look: GRPO on a weak grounder, against a control whose advantages carry no information.
 
-    .venv/bin/python benchmarks/learning.py [--seeds 0 1 2] [--minutes 20] [--sft-steps 120] [--out runs/learning]
+    .venv/bin/python benchmarks/learning.py [--seeds 0 1 2] [--minutes 20] [--sft-steps 160] [--out runs/learning]
 
 For each seed, on the paper's premise (RL teaches a model that can already ground objects to
 prompt the segmenter well):
@@ -15,7 +15,7 @@ prompt the segmenter well):
 3. GRPO: ``segr1.run``'s own job (tiny preset: vLLM rollouts, reward actor, DeepSpeed learner,
    weight sync) with the ``box`` segmenter (a deterministic stand-in for SAM2 whose best prompt is
    knowable, docs/reward.md), for ``--steps`` or ``--minutes``, whichever ends first. The learning
-   rate follows a cosine from ``--lr`` to a tenth of it at ``--steps``. No KL term by default.
+   rate (1e-4) follows a cosine to a tenth of it at ``--steps``; KL 0.04 to the warm start.
 4. Control (``--control``, on by default): the same run from the same warm start with
    ``grpo.shuffle_rewards`` (each group trained on another group's rewards), so what it gains does
    not come from the rewards.
@@ -77,7 +77,7 @@ def warm_start(model: Path, data: Path, out: Path, seed: int, args: argparse.Nam
 
 def grpo(policy: Path, data: Path, heldout: Path, out: Path, seed: int, shuffle: bool,
          args: argparse.Namespace) -> tuple[list[dict], list[dict], dict[str, float], dict[str, float]]:
-    """One run's steps, its held-out evaluations every ``--eval-every`` steps, and its greedy
+    """One run's steps, its held-out evaluations (step 0, then every ``--eval-every`` steps), and its greedy
     held-out scores before and after it; ``shuffle``: the control."""
     from segr1.config import load_config
     from segr1.train.job import build_job
@@ -109,7 +109,7 @@ def grpo(policy: Path, data: Path, heldout: Path, out: Path, seed: int, shuffle:
         job.shutdown()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "reward" in line and "eval_reward" not in line]
-    evals = [line for line in lines if "eval_iou" in line]
+    evals = [{"step": 0, **before}] + [line for line in lines if "eval_iou" in line]
     return steps, evals, before, after
 
 
@@ -228,7 +228,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=256)
     parser.add_argument("--warm-start", choices=("grounder", "format"), default="grounder",
                         help="SFT on the true boxes, or on random coordinates (the format only)")
-    parser.add_argument("--sft-steps", type=int, default=120)
+    parser.add_argument("--sft-steps", type=int, default=160)
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the control: the same run with the rewards shuffled across groups")
     parser.add_argument("--group-size", type=int, default=8)
@@ -236,7 +236,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="GRPO steps, unless --minutes ends the run first")
     parser.add_argument("--mode", choices=("sync", "async"), default="sync",
                         help="async: the next step's rollouts run while the learner trains (one step off-policy)")
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
                         help="cosine: down to 0.1 x lr at --steps")
     parser.add_argument("--policy-pixels", type=int, default=112 * 112,
@@ -246,7 +246,7 @@ def main() -> None:
                         help="scenes whose green and blue channels give each pixel's column and row")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="also answer the held-out scenes every this many steps (0: before and after only)")
-    parser.add_argument("--kl-coef", type=float, default=0.0, help="KL to the warm start (the paper uses 0.04)")
+    parser.add_argument("--kl-coef", type=float, default=0.04, help="KL to the warm start (the paper's 0.04)")
     args = parser.parse_args()
 
     rows = [run_seed(seed, args) for seed in args.seeds]
