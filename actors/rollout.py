@@ -32,11 +32,12 @@ from typing import Any, Literal
 import numpy as np
 
 from actors.pipeline import prompts_per_call
-from actors.vision_ban import VISION_TOKEN_BAN, vision_token_ids
+from actors.vision_ban import VISION_TOKEN_BAN
 from actors.vllm_worker import quiet_known_vllm_noise
 from segr1.core.frames import processor_bounds, processor_size
 from segr1.core.policy import ModelSettings
 from segr1.core.schema import Completion, PromptItem, RolloutGroup, rgb_image
+from segr1.core.vocab import vision_token_ids
 from segr1.runtime.deadlines import Deadline, DeadlineExceeded, get_within, hang_if_switched, with_fault_switch
 from segr1.runtime.ray_cluster import node_ip
 from segr1.weightsync.weight_sync import BucketPlan
@@ -193,6 +194,9 @@ class RolloutActor:
             mm_processor_kwargs=bounds,
             worker_extension_cls=WORKER_EXTENSION,
             logits_processors=[VISION_TOKEN_BAN],
+            # The log-probs of the distribution sampled from (the ban and the temperature applied),
+            # which the learner computes the same way: the importance ratio then compares like with like.
+            logprobs_mode="processed_logprobs",
         )
         if self._on_gpu:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization

@@ -1,13 +1,11 @@
-"""The tokens the policy must never write, banned inside vLLM's sampler for every request.
+"""The tokens the policy must never write (``segr1.core.vocab``), banned inside vLLM's sampler for every request.
 
-Qwen2.5-VL's processor puts ``<|vision_start|>``, ``<|image_pad|>`` ... around an image; a sampled
-one makes the learner's forward fail (image features and image tokens no longer match). Ids past
-the tokenizer's length (the embedding is padded to a multiple of 64 or 128) have no text and were
-never trained. ``VisionTokenBan``, a vLLM logits processor (``LLM(logits_processors=[...])``), sets
-their logits to -inf for every request of the engine. It runs after vLLM takes the raw log-probs,
-so those stay the whole-vocabulary ones the learner computes. A request's ``allowed_token_ids``
-did the same with the list of every other id: 151,000 integers sent with each request and turned
-into a mask for it.
+``VisionTokenBan``, a vLLM logits processor (``LLM(logits_processors=[...])``), sets their logits
+to -inf for every request of the engine. It runs before the temperature, and the engines return
+the log-probs of what they sampled from (``logprobs_mode="processed_logprobs"``), so the learner
+bans the same ids and divides by the same temperature (``learner.inputs.Sampled``). A request's
+``allowed_token_ids`` did the same with the list of every other id: 151,000 integers sent with each
+request and turned into a mask for it.
 """
 
 from __future__ import annotations
@@ -17,18 +15,9 @@ from typing import Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-# Qwen2.5-VL's vision markup: the processor inserts these, the policy must never write them.
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-VISION_CONFIG_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+from segr1.core.vocab import vision_token_ids
+
 VISION_TOKEN_BAN = f"{__name__}:VisionTokenBan"  # as vLLM's engine arguments name it (module:class)
-
-
-def vision_token_ids(tokenizer: Any, hf_config: Any) -> set[int]:
-    """Ids of the vision markup tokens, from the tokenizer's vocabulary and the model config."""
-    vocab = tokenizer.get_vocab()
-    ids = {vocab[t] for t in VISION_TOKENS if t in vocab}
-    ids |= {int(v) for k in VISION_CONFIG_IDS if (v := getattr(hf_config, k, None)) is not None}
-    return ids
 
 
 class VisionTokenBan(LogitsProcessor):

@@ -86,6 +86,7 @@ def grpo(policy: Path, data: Path, heldout: Path, out: Path, seed: int, shuffle:
     config = load_config("tiny", [
         "--model.path", str(policy), "--sam2.backend", "box", "--data.train", str(data), "--data.eval", str(heldout),
         "--rollout.group_size", str(args.group_size), "--rollout.max_tokens", "96",
+        "--rollout.temperature", str(args.temperature),
         "--trainer.prompts_per_step", str(args.prompts), "--trainer.steps", str(args.steps),
         "--trainer.mode", args.mode, "--grpo.shuffle_rewards", str(shuffle).lower(),
         "--learner.lr", str(args.lr), "--learner.lr_schedule", args.lr_schedule, "--learner.min_lr_ratio", "0.1",
@@ -248,6 +249,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=0,
                         help="also answer the held-out scenes every this many steps (0: before and after only)")
     parser.add_argument("--kl-coef", type=float, default=0.04, help="KL to the warm start (the paper's 0.04)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="the groups' sampling temperature (the paper's 1.0); the held-out answers stay greedy")
     args = parser.parse_args()
 
     rows = [run_seed(seed, args) for seed in args.seeds]

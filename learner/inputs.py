@@ -24,6 +24,7 @@ import torch
 from segr1.core.frames import processor_bounds, processor_size
 from segr1.core.logprobs import token_logprobs_and_entropy
 from segr1.core.schema import TrainSample, prompt_digest, rgb_image
+from segr1.core.vocab import vision_token_ids
 
 
 @dataclass(frozen=True)
@@ -246,10 +247,35 @@ def completion_logits(model: Any, batch: ModelBatch) -> torch.Tensor:
     return logits[rows, index]
 
 
-def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """log p(token) under a float32 softmax, [B, T], whatever the model's dtype (vLLM's are float32
-    too), without a whole-vocabulary copy (``segr1.core.logprobs``)."""
-    return token_logprobs_and_entropy(logits, token_ids)[0]
+@dataclass(frozen=True)
+class Sampled:
+    """The distribution the engines sample from, whose log-probs the learner trains on: the logits
+    divided by the rollout's ``temperature``, without the ids the engines ban (the vision markup,
+    and every id from ``text_vocab`` on, which has no text). The engines return these log-probs
+    (``actors.vision_ban``), so the importance ratio and the KL describe what was sampled."""
+
+    temperature: float = 1.0
+    vision_ids: tuple[int, ...] = ()
+    text_vocab: int | None = None
+
+    @classmethod
+    def of(cls, processor: Any, hf_config: Any, temperature: float = 1.0) -> Sampled:
+        tokenizer = processor.tokenizer
+        return cls(temperature, tuple(sorted(vision_token_ids(tokenizer, hf_config))), len(tokenizer))
+
+    def banned(self, vocab: int, device: torch.device) -> torch.Tensor | None:
+        tail = range(self.text_vocab, vocab) if self.text_vocab is not None else range(0)
+        ids = [*self.vision_ids, *tail]
+        return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+    def logprobs_and_entropy(self, logits: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(token) and the entropy, [B, T], in float32 whatever the model's dtype (vLLM's are
+        float32 too), without a whole-vocabulary copy (``segr1.core.logprobs``)."""
+        banned = self.banned(logits.shape[-1], logits.device)
+        return token_logprobs_and_entropy(logits, token_ids, self.temperature, banned)
+
+    def logprobs(self, logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.logprobs_and_entropy(logits, token_ids)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,13 +36,12 @@ from learner.inputs import (
     MicroBatch,
     ModelBatch,
     PromptCache,
+    Sampled,
     collate,
     completion_logits,
     load_processor,
-    token_logprobs,
 )
 from segr1.core.grpo import LossSettings, aggregate, grpo_loss
-from segr1.core.logprobs import token_logprobs_and_entropy
 from segr1.core.merge import deep_merge
 from segr1.core.policy import ModelSettings
 from segr1.runtime.deadlines import hang_if_switched
@@ -115,12 +114,14 @@ class LearnerSettings:
 @dataclass(frozen=True)
 class LearnerRun:
     """What a run gives the learner besides its settings: the policy, the loss (the job's ``grpo``
-    section), the seed, and ``decay_steps``, the run's optimizer steps (where a cosine ends)."""
+    section), the seed, ``decay_steps``, the run's optimizer steps (where a cosine ends), and the
+    rollout's sampling ``temperature``, whose distribution the log-probs describe."""
 
     model: ModelSettings
     loss: LossSettings = field(default_factory=LossSettings)
     seed: int = 0
     decay_steps: int | None = None
+    temperature: float = 1.0
 
     def check(self, settings: LearnerSettings) -> None:
         if not isinstance(self.loss, LossSettings):
@@ -238,6 +239,7 @@ class LearnerWorker:
         self.engine: Any = None
         self.reference: Any = None
         self.processor: Any = None
+        self.sampled = Sampled()  # the engines' distribution, known once the policy is built
         self.cache: PromptCache | None = None
         self.sender: Any = None
         self._rendezvous: Any = None  # rank 0: the server of the group's store
@@ -322,6 +324,7 @@ class LearnerWorker:
         self.processor = load_processor(self.run.model.path, self.run.model.min_pixels, self.run.model.max_pixels)
         self.cache = PromptCache(self.processor, self.settings.prompt_cache_groups)
         model = self._load_model()
+        self.sampled = Sampled.of(self.processor, model.config, self.run.temperature)
         if self.settings.freeze_vision:
             model.model.visual.requires_grad_(False)
         if self.settings.gradient_checkpointing:
@@ -389,7 +392,7 @@ class LearnerWorker:
         if self.reference is None:
             return None
         with torch.no_grad():
-            return token_logprobs(completion_logits(self.reference, batch), batch.completion_ids)
+            return self.sampled.logprobs(completion_logits(self.reference, batch), batch.completion_ids)
 
     def compute_logprobs(self, micro_batches: list[MicroBatch]) -> list[tuple[int, list[float]]]:
         """The policy's log-prob of every completion token, as (caller index, log-probs) pairs."""
@@ -398,7 +401,7 @@ class LearnerWorker:
         try:
             with torch.no_grad():
                 for micro, batch in zip(micro_batches, self._batches(micro_batches)):
-                    logp = token_logprobs(completion_logits(self.engine, batch), batch.completion_ids).cpu()
+                    logp = self.sampled.logprobs(completion_logits(self.engine, batch), batch.completion_ids).cpu()
                     for row, index in enumerate(micro.indices):
                         n = len(micro.samples[row].completion_ids)
                         out.append((index, logp[row, :n].tolist()))
@@ -409,7 +412,7 @@ class LearnerWorker:
     def _micro_loss(
         self, micro: MicroBatch, batch: ModelBatch, ref_logp: torch.Tensor | None, objective: str
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        logp, entropy = token_logprobs_and_entropy(completion_logits(self.engine, batch), batch.completion_ids)
+        logp, entropy = self.sampled.logprobs_and_entropy(completion_logits(self.engine, batch), batch.completion_ids)
         if micro.is_filler:
             # Same passes as the other ranks, no contribution: the gradient of 0 x logp is zero.
             return logp.sum() * 0.0, {}

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from actors.rollout import SamplingSettings
-from learner.inputs import PromptCache, collate, completion_logits, load_processor, token_logprobs
+from learner.inputs import PromptCache, collate, completion_logits, load_processor, Sampled
 from segr1.config import load_config
 from segr1.core.frames import processor_bounds
 from segr1.core.schema import SampleScore, ScoredGroup, train_samples
@@ -68,7 +68,7 @@ def _export_logprobs(export: Path, samples) -> list[list[float]]:
     cache = PromptCache(processor)
     batch = collate(samples, [cache.get(s) for s in samples], processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        logp = token_logprobs(completion_logits(model, batch), batch.completion_ids)
+        logp = Sampled.of(processor, model.config).logprobs(completion_logits(model, batch), batch.completion_ids)
     return [logp[i, : len(s.completion_ids)].tolist() for i, s in enumerate(samples)]
 
 

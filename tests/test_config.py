@@ -54,8 +54,8 @@ def test_overrides_in_all_three_spellings_with_yaml_typed_values():
         (["--learner.min_lr_ratio", "2"], r"learner.min_lr_ratio must be in \[0, 1\]"),
         (["--learner.lr_schedule", "cosine", "--learner.warmup_steps", "4", "--trainer.steps", "4"],
          "'cosine' needs more optimizer steps"),
-        # the behaviour log-probs are vLLM's raw ones: the ratio and KL hold only for plain sampling
-        (["--rollout.temperature", "0.7"], r"rollout.temperature must be 1.0 for GRPO training, got 0.7: .*raw log-probs"),
+        # the learner computes the log-probs at any temperature, but not under a nucleus
+        (["--rollout.temperature", "0"], r"rollout.temperature must be > 0 for GRPO training .*got 0.0"),
         (["--rollout.top_p", "0.9"], r"rollout.top_p must be 1.0 for GRPO training, got 0.9: .*importance ratio and the KL"),
     ],
 )

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from learner import checkpoint as ckpt
-from learner.inputs import PromptCache, collate, completion_logits, plan_micro_batches, process_prompt, token_logprobs
+from learner.inputs import PromptCache, collate, completion_logits, plan_micro_batches, process_prompt, Sampled
 from learner.worker import LearnerRun, LearnerSettings, deepspeed_config, lr_factor
 from segr1.core.grpo import LossSettings, grpo_loss
 from segr1.core.policy import ModelSettings
@@ -208,7 +208,7 @@ def test_padded_batch_log_probs_equal_one_sample_forwards(tiny_qwen_dir, tiny_pr
     assert cache.misses == 2  # one processing per group, shared by its samples
     batch = collate(samples, prompts, tiny_processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        batched = token_logprobs(completion_logits(model, batch), batch.completion_ids)
+        batched = Sampled().logprobs(completion_logits(model, batch), batch.completion_ids)  # nothing banned
         for row, (sample, prompt) in enumerate(zip(samples, prompts)):
             ids = torch.cat([prompt.input_ids, torch.tensor(sample.completion_ids)])[None]
             types = torch.cat([prompt.mm_token_type_ids, torch.zeros(len(sample.completion_ids), dtype=torch.long)])
@@ -312,7 +312,7 @@ def _reference_grad_norm(
                          s.advantage, 0) for s in samples]
     cache = PromptCache(processor)
     batch = collate(local, [cache.get(s) for s in local], processor.tokenizer.pad_token_id)
-    logp = token_logprobs(completion_logits(model, batch), batch.completion_ids)
+    logp = Sampled.of(processor, model.config).logprobs(completion_logits(model, batch), batch.completion_ids)
     loss, _ = grpo_loss(
         logp, batch.behavior_logprobs, logp.detach(), batch.advantages, batch.completion_mask, group.run.loss
     )
@@ -513,13 +513,16 @@ def _check_vllm_matches_learner(model_dir: Path, group, samples: list[TrainSampl
     from vllm import LLM, SamplingParams
 
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
-    llm = LLM(
+    from actors.vision_ban import VISION_TOKEN_BAN
+
+    llm = LLM(  # as the rollout engines sample: the vision ban, and the log-probs of what is sampled
         model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=1024,
         limit_mm_per_prompt={"image": 1, "video": 0}, kv_cache_memory_bytes=128 << 20, seed=0,
+        logits_processors=[VISION_TOKEN_BAN], logprobs_mode="processed_logprobs",
     )
     try:
         firsts = [samples[0], samples[3]]  # one per group
-        params = SamplingParams(n=2, max_tokens=6, logprobs=0, seed=0, allowed_token_ids=list(range(TEXT_VOCAB)))
+        params = SamplingParams(n=2, max_tokens=6, logprobs=0, seed=0)
         outputs = llm.generate(
             [{"prompt": s.prompt, "multi_modal_data": {"image": Image.fromarray(ray.get(s.image))}} for s in firsts],
             params,

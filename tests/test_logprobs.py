@@ -11,9 +11,15 @@ import segr1.core.logprobs as logprobs
 from segr1.core.logprobs import token_logprobs_and_entropy
 
 
-def reference(logits: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the learner computed before: whole-vocabulary float32 log_softmax, twice."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
+def reference(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
+              banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the learner computed before: whole-vocabulary float32 log_softmax, twice (over the ids
+    not banned only)."""
+    x = logits.float() / temperature
+    if banned is not None:
+        allowed = torch.ones(x.shape[-1], dtype=torch.bool).index_fill(0, banned, False)
+        x, token_ids = x[..., allowed], (allowed.cumsum(0) - 1)[token_ids]  # ids renumbered among the allowed
+    log_probs = torch.log_softmax(x, dim=-1)
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     return log_probs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1), entropy
 
@@ -43,6 +49,39 @@ def test_values_and_gradients_equal_the_whole_vocabulary_computation(monkeypatch
         assert o.dtype == torch.float32 and torch.allclose(o, t, atol=1e-5, rtol=0)
     assert ours_grad.dtype == dtype
     assert torch.allclose(ours_grad.float(), theirs_grad.float(), atol=1e-5, rtol=0)
+
+
+def test_hand_computed_log_probs_at_a_temperature_with_a_banned_id():
+    """logits (0, log 3, 5) at temperature 1/2 are (0, 2 log 3, 10); with id 2 banned, p = (1/10, 9/10)."""
+    logits = torch.tensor([[[0.0, math.log(3.0), 5.0]]])
+    logp, entropy = token_logprobs_and_entropy(logits, torch.tensor([[1]]), temperature=0.5, banned=torch.tensor([2]))
+    assert logp.item() == pytest.approx(math.log(0.9), abs=1e-6)
+    assert entropy.item() == pytest.approx(-(0.1 * math.log(0.1) + 0.9 * math.log(0.9)), abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_the_sampled_distribution_at_a_temperature_with_banned_ids(temperature):
+    """The engines' distribution: values and gradients equal the whole-vocabulary computation, and
+    the banned ids get no gradient (an entropy weight above 1 would turn their 0 x huge into NaN)."""
+    torch.manual_seed(2)
+    logits = (torch.randn(2, 6, 500) * 2).requires_grad_()
+    banned = torch.tensor([3, 77, *range(480, 500)])
+    token_ids = torch.randint(100, 400, (2, 6))  # never a banned id, as the engines sample them
+    weights = torch.randn(2, 6), torch.randn(2, 6) * 5
+
+    ours = token_logprobs_and_entropy(logits, token_ids, temperature, banned)
+    (ours_grad,) = torch.autograd.grad(sum((o * w).sum() for o, w in zip(ours, weights)), logits)
+    theirs = reference(logits, token_ids, temperature, banned)
+    (theirs_grad,) = torch.autograd.grad(sum((t * w).sum() for t, w in zip(theirs, weights)), logits)
+    for o, t in zip(ours, theirs):
+        assert torch.allclose(o, t, atol=1e-5, rtol=0)
+    assert torch.allclose(ours_grad, theirs_grad, atol=1e-5, rtol=1e-4)  # gradients of several units here
+    assert ours_grad[..., banned].abs().max() == 0
+
+
+def test_a_temperature_of_zero_is_refused():
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0.0"):
+        token_logprobs_and_entropy(torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.long), temperature=0.0)
 
 
 def test_a_loss_on_the_log_probs_alone_gets_their_gradient_only():

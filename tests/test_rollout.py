@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from actors.rollout import RolloutActor, RolloutSettings, SamplingSettings
-from learner.inputs import PromptCache, collate, completion_logits, load_processor, process_prompt, token_logprobs
+from learner.inputs import PromptCache, collate, completion_logits, load_processor, process_prompt, Sampled
 from learner.weight_sender import WeightSender, weight_meta
 from segr1.core.frames import PixelBounds
 from segr1.core.policy import ModelSettings
@@ -82,8 +82,9 @@ def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-def hf_logprobs(policy: dict[str, Any], group: RolloutGroup) -> list[torch.Tensor]:
-    """The HF policy's log-probs of each completion's tokens, via the learner's input path."""
+def hf_logprobs(policy: dict[str, Any], group: RolloutGroup, sampled: Sampled | None = None) -> list[torch.Tensor]:
+    """The HF policy's log-probs of each completion's tokens, via the learner's input path, of the
+    distribution ``sampled`` (the learner's at temperature 1 unless given)."""
     processor = policy["processor"]
     item = group.item
     prompt = process_prompt(processor, item.prompt, item.image, item.group_id)
@@ -94,15 +95,16 @@ def hf_logprobs(policy: dict[str, Any], group: RolloutGroup) -> list[torch.Tenso
     ]
     batch = collate(samples, [prompt] * len(samples), processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        lp = token_logprobs(completion_logits(policy["model"], batch), batch.completion_ids)
+        sampled = sampled or Sampled.of(processor, policy["model"].config)
+        lp = sampled.logprobs(completion_logits(policy["model"], batch), batch.completion_ids)
     return [lp[i, : len(c.token_ids)] for i, c in enumerate(group.completions)]
 
 
-def max_logprob_gap(policy: dict[str, Any], groups: list[RolloutGroup]) -> float:
+def max_logprob_gap(policy: dict[str, Any], groups: list[RolloutGroup], sampled: Sampled | None = None) -> float:
     gaps = [
         (ref - torch.tensor(c.logprobs)).abs().max().item()
         for g in groups
-        for ref, c in zip(hf_logprobs(policy, g), g.completions)
+        for ref, c in zip(hf_logprobs(policy, g, sampled), g.completions)
     ]
     return max(gaps)
 
@@ -212,7 +214,7 @@ def test_learner_processor_uses_the_engines_image_bounds(actor, items, policy, t
         cache.get(replace(samples[1], prompt_sha256=samples[1].prompt_sha256[::-1]))  # tampered in transit
 
 
-def test_vision_tokens_are_never_sampled(actor, items):
+def test_vision_tokens_are_never_sampled(actor, items, policy):
     from PIL import Image
     from vllm import SamplingParams
 
@@ -223,14 +225,15 @@ def test_vision_tokens_are_never_sampled(actor, items):
     sampled = [t for c in groups[0].completions for t in c.token_ids]
     assert len(sampled) > 500 and not vision & set(sampled)
     # The ban is the engine's (VisionTokenBan), for every request: a plain one without any mask writes
-    # none either, although the random policy ranks them among its top 20 candidates (the raw log-probs,
-    # taken before the ban) at some positions: without the ban it would write them.
+    # none either, and its top 20 candidates never hold one.
     prompt = {"prompt": items[0].prompt, "multi_modal_data": {"image": Image.fromarray(items[0].image)}}
     params = SamplingParams(n=8, temperature=1.0, max_tokens=128, seed=3, logprobs=20)
     (out,) = actor.llm.generate([prompt], params, use_tqdm=False)
     plain = {t for c in out.outputs for t in c.token_ids}
     candidates = {t for c in out.outputs for step in c.logprobs for t in step}
-    assert len(plain) > 50 and not vision & plain and vision & candidates
+    assert len(plain) > 50 and not vision & plain and not vision & candidates
+    # Yet the random policy weighs them: a distribution that keeps them gives other log-probs.
+    assert max_logprob_gap(policy, groups, Sampled()) > 1e-3
 
 
 def test_bad_images_are_rejected_naming_the_record(actor, items):
@@ -270,6 +273,16 @@ def test_pushed_weights_reproduce_the_hf_policy_log_probs(actor, items, policy, 
     groups = actor.generate(items[:2], sampling)
     assert actor.weight_version() == 2 and all(g.weight_version == 2 for g in groups)
     assert max_logprob_gap(policy, groups) < MATCH_TOL
+
+
+def test_the_engines_log_probs_are_of_the_distribution_sampled(actor, items, policy):
+    """At temperature 0.7 the engine returns the log-probs of what it sampled from: the learner's at
+    0.7 with the banned ids removed; neither the temperature-1 ones nor those that keep the banned ids."""
+    groups = actor.generate(items[:2], SamplingSettings(n=4, temperature=0.7, max_tokens=24, seed=5))
+    processor, config = policy["processor"], policy["model"].config
+    assert max_logprob_gap(policy, groups, Sampled.of(processor, config, temperature=0.7)) < MATCH_TOL
+    assert max_logprob_gap(policy, groups, Sampled.of(processor, config, temperature=1.0)) > CONTROL_MIN
+    assert max_logprob_gap(policy, groups, Sampled(temperature=0.7)) > 1e-3  # the banned ids kept
 
 
 def renamed(named: list[tuple[str, torch.Tensor]], index: int, name: str) -> list[tuple[str, torch.Tensor]]:

@@ -89,14 +89,14 @@ def _answer_nll(model_dir: Path, samples) -> float:
     """Mean negative log-likelihood of the answer tokens under the model in ``model_dir``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from learner.inputs import PromptCache, collate, completion_logits, token_logprobs
+    from learner.inputs import PromptCache, Sampled, collate, completion_logits
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     cache = PromptCache(processor)
     batch = collate(samples, [cache.get(s) for s in samples], processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        logp = token_logprobs(completion_logits(model, batch), batch.completion_ids)
+        logp = Sampled.of(processor, model.config).logprobs(completion_logits(model, batch), batch.completion_ids)
     return float(-(logp * batch.completion_mask).sum() / batch.completion_mask.sum())
 
 

@@ -305,10 +305,10 @@ def resolve_model(model: ModelSettings) -> ModelSettings:
     return replace(model, path=str(path.resolve()))
 
 
-# Why training samples at temperature 1 and top-p 1 only (evaluation, with its own settings, samples any way).
-RAW_LOGPROBS = (
-    "vLLM returns the raw log-probs of the unscaled full distribution, so under other sampling the "
-    "importance ratio and the KL would not describe what was sampled"
+# Why training samples at top-p 1 only (evaluation, with its own settings, samples any way).
+NO_TOP_P = (
+    "the learner's log-probs are of the whole distribution at the rollout's temperature, so under a "
+    "nucleus the importance ratio and the KL would not describe what was sampled"
 )
 
 
@@ -317,10 +317,10 @@ def validate(config: Config) -> None:
     raises ConfigError naming the key."""
     checks = [
         (config.rollout.group_size >= 2, "rollout.group_size must be >= 2 (GRPO compares within a group)"),
-        (config.rollout.temperature == 1.0, f"rollout.temperature must be 1.0 for GRPO training, got "
-         f"{config.rollout.temperature}: {RAW_LOGPROBS}"),
+        (config.rollout.temperature > 0, f"rollout.temperature must be > 0 for GRPO training (it samples the "
+         f"groups), got {config.rollout.temperature}"),
         (config.rollout.top_p == 1.0, f"rollout.top_p must be 1.0 for GRPO training, got {config.rollout.top_p}: "
-         f"{RAW_LOGPROBS}"),
+         f"{NO_TOP_P}"),
         (
             config.learner.lr_schedule == "constant"
             or config.trainer.steps * config.learner.iterations_per_batch > config.learner.warmup_steps,

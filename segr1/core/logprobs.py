@@ -12,7 +12,10 @@ With ``x`` a row of logits, ``lse = log sum exp x`` and ``p = exp(x - lse)``:
 - ``log p(t) = x_t - lse``, whose gradient is ``onehot(t) - p``;
 - ``H = -sum p log p = lse - sum p x``, whose gradient is ``-p (log p + H)``.
 
-Both are in float32 whatever the logits' dtype, as vLLM computes its log-probs.
+Both are in float32 whatever the logits' dtype, as vLLM computes its log-probs. They describe the
+distribution the engines sample from: ``x`` is the logits divided by the sampling temperature, with
+the ids the engines ban removed. The logits' gradient is then ``x``'s divided by the temperature,
+and zero on the banned ids.
 """
 
 from __future__ import annotations
@@ -20,14 +23,32 @@ from __future__ import annotations
 import torch
 
 CHUNK_BYTES = 64 << 20  # float32 working memory per chunk of rows: 110 rows of Qwen's vocabulary
+# A banned id's logit: the lowest finite float rather than -inf, so that its p is exactly 0 and
+# p * x is 0 in the entropy's sum, where 0 * -inf would make it NaN.
+BANNED_LOGIT = torch.finfo(torch.float32).min
 
 
-def token_logprobs_and_entropy(logits: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0, banned: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``log p(token)`` and the entropy of each position, both ``[B, T]``, from ``logits`` ``[B, T, V]``
-    and ``token_ids`` ``[B, T]``. Differentiable in both outputs."""
+    and ``token_ids`` ``[B, T]``, where ``p = softmax(logits / temperature)`` over the ids that
+    ``banned`` (1-D, on the logits' device) does not hold. Differentiable in both outputs."""
     if logits.shape[:-1] != token_ids.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match token_ids {tuple(token_ids.shape)}")
-    return _LogprobsEntropy.apply(logits, token_ids)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _LogprobsEntropy.apply(logits, token_ids, temperature, banned)
+
+
+def _sampled(rows: torch.Tensor, temperature: float, banned: torch.Tensor | None) -> torch.Tensor:
+    """A chunk of logits as the sampler sees them, in float32 (a new tensor whenever it differs)."""
+    x = rows.float()
+    if temperature != 1.0:
+        x = x / temperature
+    if banned is not None:
+        x = x.index_fill(1, banned, BANNED_LOGIT)
+    return x
 
 
 def _chunks(rows: int, vocab: int) -> list[slice]:
@@ -37,18 +58,21 @@ def _chunks(rows: int, vocab: int) -> list[slice]:
 
 class _LogprobsEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx, logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, banned: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         vocab = logits.shape[-1]
         flat, ids = logits.reshape(-1, vocab), token_ids.reshape(-1, 1)
         lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
         logp, entropy = torch.empty_like(lse), torch.empty_like(lse)
         for rows in _chunks(flat.shape[0], vocab):
-            x = flat[rows].float()
+            x = _sampled(flat[rows], temperature, banned)
             lse[rows] = torch.logsumexp(x, dim=-1)
             logp[rows] = x.gather(1, ids[rows]).squeeze(1) - lse[rows]
             p = (x - lse[rows, None]).exp_()
             entropy[rows] = lse[rows] - torch.linalg.vecdot(p, x)  # sum p x, without a [rows, V] product
         ctx.save_for_backward(logits, token_ids, lse, entropy)
+        ctx.temperature, ctx.banned = temperature, banned
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: no work for it
         return logp.view(token_ids.shape), entropy.view(token_ids.shape)
 
@@ -56,14 +80,14 @@ class _LogprobsEntropy(torch.autograd.Function):
     def backward(ctx, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None):
         logits, token_ids, lse, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
-            return None, None
+            return None, None, None, None
         vocab = logits.shape[-1]
         flat, ids = logits.reshape(-1, vocab), token_ids.reshape(-1, 1)
         grad = torch.empty_like(flat)
         g_logp = None if grad_logp is None else grad_logp.reshape(-1, 1).float()
         g_entropy = None if grad_entropy is None else grad_entropy.reshape(-1, 1).float()
         for rows in _chunks(flat.shape[0], vocab):
-            log_p = flat[rows].float() - lse[rows, None]
+            log_p = _sampled(flat[rows], ctx.temperature, ctx.banned) - lse[rows, None]
             p = log_p.exp()
             # d/dx of g_logp log p(t) + g_entropy H  =  g_logp onehot(t) - p (g_logp + g_entropy (log p + H))
             if g_entropy is not None:
@@ -75,5 +99,9 @@ class _LogprobsEntropy(torch.autograd.Function):
             g = p.mul_(factor).neg_()
             if g_logp is not None:
                 g.scatter_add_(1, ids[rows], g_logp[rows])
+            if ctx.temperature != 1.0:
+                g.div_(ctx.temperature)
+            if ctx.banned is not None:
+                g.index_fill_(1, ctx.banned, 0.0)  # p = 0 there, but 0 x the huge log p may have left NaN
             grad[rows] = g
-        return grad.view(logits.shape), None
+        return grad.view(logits.shape), None, None, None

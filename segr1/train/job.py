@@ -234,7 +234,8 @@ def _start_roles(
     returns the trainer and (rollout, reward, learner, placements)."""
     placements = place_roles(role_requests(config, use_gpus))
     run = LearnerRun(config.model, config.grpo, seed=config.trainer.seed,
-                     decay_steps=config.trainer.steps * config.learner.iterations_per_batch)  # the run's optimizer steps
+                     decay_steps=config.trainer.steps * config.learner.iterations_per_batch,  # the run's optimizer steps
+                     temperature=config.rollout.temperature)
     # The ranks set up (DeepSpeed, the model) while the engines and SAM2 load: the roles start side by side.
     learner = LearnerGroup(config.learner, run, placement=placements["learner"], use_gpu=use_gpus, wait=False)
     try:  # before the engines start: a location the learner cannot see fails in seconds
