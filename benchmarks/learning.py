@@ -16,7 +16,7 @@ prompt the segmenter well):
    weight sync) with the ``box`` segmenter (a deterministic stand-in for SAM2 whose best prompt is
    knowable, docs/reward.md), for ``--steps`` or ``--minutes``, whichever ends first. The learning
    rate (``--lr``, 1e-4) follows a cosine to a tenth of it at ``--steps``; KL ``--kl-coef`` (0.04) to the
-   warm start.
+   warm start; the groups are sampled at ``--temperature`` (1.0, the paper's).
 4. Control (``--control``, on by default): the same run from the same warm start with
    ``grpo.shuffle_rewards`` (each group trained on another group's rewards), so what it gains does
    not come from the rewards.
