@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from learner import checkpoint as ckpt
-from learner.inputs import PromptCache, collate, completion_logits, plan_micro_batches, process_prompt, Sampled
+from learner.inputs import PromptCache, Sampled, collate, completion_logits, plan_micro_batches, process_prompt
 from learner.worker import LearnerRun, LearnerSettings, deepspeed_config, lr_factor
 from segr1.core.grpo import LossSettings, grpo_loss
 from segr1.core.policy import ModelSettings
@@ -512,9 +512,9 @@ def _check_vllm_matches_learner(model_dir: Path, group, samples: list[TrainSampl
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
     from actors.vision_ban import VISION_TOKEN_BAN
 
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
     llm = LLM(  # as the rollout engines sample: the vision ban, and the log-probs of what is sampled
         model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=1024,
         limit_mm_per_prompt={"image": 1, "video": 0}, kv_cache_memory_bytes=128 << 20, seed=0,

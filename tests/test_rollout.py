@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from actors.rollout import RolloutActor, RolloutSettings, SamplingSettings
-from learner.inputs import PromptCache, collate, completion_logits, load_processor, process_prompt, Sampled
+from learner.inputs import PromptCache, Sampled, collate, completion_logits, load_processor, process_prompt
 from learner.weight_sender import WeightSender, weight_meta
 from segr1.core.frames import PixelBounds
 from segr1.core.policy import ModelSettings
