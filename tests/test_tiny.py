@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from segr1.core.vocab import VISION_TOKENS
 from segr1.segmenters.sam2_model import load_sam2_predictor
 from segr1.testing.tiny import (
     MAX_PIXELS,
@@ -27,7 +28,6 @@ from segr1.testing.tiny import (
     main,
 )
 
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 SEG_R1_ANSWER = (
     "<think>The frog is at the left.</think> <bbox>[12,30,88,91]</bbox>, "
     "<points>[[40,50],[60,70]]</points>, <labels>[1,0]</labels>"
