@@ -1,6 +1,6 @@
 """Learning to look: GRPO on a weak grounder, against a control whose advantages carry no information.
 
-    .venv/bin/python benchmarks/learning.py [--seeds 0 1 2] [--minutes 20] [--sft-steps 160] [--out runs/learning]
+    .venv/bin/python benchmarks/learning.py [--seeds 0 1 2] [--minutes 20] [--temperature 1.0] [--out runs/learning]
 
 For each seed, on the paper's premise (RL teaches a model that can already ground objects to
 prompt the segmenter well):
@@ -8,10 +8,11 @@ prompt the segmenter well):
 1. Data: synthetic scenes (``segr1.data.synth``), 112 px, one object each: by default salient and
    position-coded (``--kind``, ``--position-code``), the scenes on which the tiny policy can learn
    to localise at all (``benchmarks/localisation.py``), and 64 held-out ones never trained on.
-2. Warm start (``--warm-start grounder``): ``python -m segr1.sft`` on the true boxes for
-   ``--sft-steps``, meant to be just long enough to make the tiny random Qwen2.5-VL a weak grounder
-   (a little above the image-blind box). ``--warm-start format`` is the older start: the answer
-   format with random coordinates.
+2. Warm start (``--warm-start grounder``): ``python -m segr1.sft`` on the true boxes, just long
+   enough to make the tiny random Qwen2.5-VL a weak grounder: ``--sft-steps``, then ``--sft-more``
+   at a time until its held-out greedy IoU is ``--start-margin`` above the image-blind box's (at
+   most ``--sft-max-steps``). ``--warm-start format`` is the older start: the answer format with
+   random coordinates, ``--sft-steps`` long.
 3. GRPO: ``segr1.run``'s own job (tiny preset: vLLM rollouts, reward actor, DeepSpeed learner,
    weight sync) with the ``box`` segmenter (a deterministic stand-in for SAM2 whose best prompt is
    knowable, docs/reward.md), for ``--steps`` or ``--minutes``, whichever ends first. The learning
@@ -59,31 +60,51 @@ HELDOUT = 64  # held-out scenes, scored greedily before and after each run
 GAIN, CONTROL_GAIN = 0.05, 0.02  # the goal's margins on held-out IoU
 
 
-def warm_start(model: Path, data: Path, out: Path, seed: int, args: argparse.Namespace) -> Path:
-    """SFT in a child process (it runs its own one-rank DeepSpeed job): on the true boxes (a weak
-    grounder) or with random coordinates (the format only)."""
-    exported = out / "warm_start_hf"
+def warm_start(model: Path, data: Path, out: Path, seed: int, steps: int, args: argparse.Namespace) -> Path:
+    """SFT in a child process (it runs its own one-rank DeepSpeed job) up to ``steps``: on the true
+    boxes (a weak grounder) or with random coordinates (the format only). Past ``--sft-steps`` it
+    resumes the shorter start's checkpoint under ``out/warm_start``; a fresh start replaces it."""
+    exported = out / f"warm_start_{steps}_hf"
     command = [
         sys.executable, "-m", "segr1.sft", "--model", str(model), "--data", str(data),
-        "--output", str(out / "warm_start"), "--steps", str(args.sft_steps), "--batch-size", "16",
+        "--output", str(out / "warm_start"), "--steps", str(steps), "--batch-size", "16",
         "--micro-batch-size", "16", "--lr", "1e-3", "--export", str(exported),
         "--seed", str(seed), "--min-pixels", str(args.policy_pixels), "--max-pixels", str(args.policy_pixels),
         "--dtype", "float32",
     ]
     if args.warm_start == "format":
         command.append("--random-coords")
+    if steps > args.sft_steps:
+        command.append("--resume")
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return exported
 
 
-def grpo(policy: Path, data: Path, heldout: Path, out: Path, seed: int, shuffle: bool,
-         args: argparse.Namespace) -> tuple[list[dict], list[dict], dict[str, float], dict[str, float]]:
-    """One run's steps, its held-out evaluations (step 0, then every ``--eval-every`` steps), and its greedy
-    held-out scores before and after it; ``shuffle``: the control."""
-    from segr1.config import load_config
-    from segr1.train.job import build_job
+def weak_grounder(model: Path, data: Path, heldout: Path, out: Path, seed: int, blind: float,
+                  args: argparse.Namespace) -> tuple[Path, list[list]]:
+    """``--sft-steps`` of SFT, then ``--sft-more`` at a time until the held-out greedy IoU passes the
+    blind box's by ``--start-margin`` (up to ``--sft-max-steps``): the weak grounder of the paper's
+    premise on every seed, since how many steps make one varies with the seed. Returns the policy
+    and the (steps, held-out IoU) of each start tried."""
+    steps, tried = args.sft_steps, []
+    while True:
+        policy = warm_start(model, data, out, seed, steps, args)
+        if args.warm_start == "format":
+            return policy, tried  # the format start is meant to be blind
+        iou = heldout_iou(policy, data, heldout, out / f"warm_start_{steps}_check", seed, args)
+        tried.append([steps, round(iou, 3)])
+        print(f"seed {seed}: {steps} SFT steps: held-out IoU {iou:.3f} (blind box {blind:.3f})", flush=True)
+        if iou > blind + args.start_margin or steps + args.sft_more > args.sft_max_steps:
+            return policy, tried
+        steps += args.sft_more
 
-    config = load_config("tiny", [
+
+def job_config(policy: Path, data: Path, heldout: Path, out: Path, seed: int, shuffle: bool,
+               args: argparse.Namespace):
+    """The tiny preset's job from ``policy``; ``shuffle``: the control."""
+    from segr1.config import load_config
+
+    return load_config("tiny", [
         "--model.path", str(policy), "--sam2.backend", "box", "--data.train", str(data), "--data.eval", str(heldout),
         "--rollout.group_size", str(args.group_size), "--rollout.max_tokens", "96",
         "--rollout.temperature", str(args.temperature),
@@ -97,7 +118,26 @@ def grpo(policy: Path, data: Path, heldout: Path, out: Path, seed: int, shuffle:
         "--model.min_pixels", str(args.policy_pixels), "--model.max_pixels", str(args.policy_pixels),
         "--trainer.output_dir", str(out), "--trainer.seed", str(seed), "--data.seed", str(seed),
     ])
-    job = build_job(config, out)
+
+
+def heldout_iou(policy: Path, data: Path, heldout: Path, out: Path, seed: int, args: argparse.Namespace) -> float:
+    """The held-out greedy IoU of ``policy``, scored by the job's own evaluation, as before a GRPO run."""
+    from segr1.train.job import build_job
+
+    job = build_job(job_config(policy, data, heldout, out, seed, False, args), out)
+    try:
+        return job.trainer.evaluate()["eval_iou"]
+    finally:
+        job.shutdown()
+
+
+def grpo(policy: Path, data: Path, heldout: Path, out: Path, seed: int, shuffle: bool,
+         args: argparse.Namespace) -> tuple[list[dict], list[dict], dict[str, float], dict[str, float]]:
+    """One run's steps, its held-out evaluations (step 0, then every ``--eval-every`` steps), and its greedy
+    held-out scores before and after it; ``shuffle``: the control."""
+    from segr1.train.job import build_job
+
+    job = build_job(job_config(policy, data, heldout, out, seed, shuffle, args), out)
     try:
         before = job.trainer.evaluate()
         timer = threading.Timer(args.minutes * 60, job.trainer.request_stop)
@@ -193,16 +233,20 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     scenes = {"kind": args.kind, "position_code": args.position_code}
     write_synth(data, args.records, 112, seed=seed, overwrite=True, **scenes)
     write_synth(heldout, HELDOUT, 112, seed=seed + 10_000, overwrite=True, **scenes)
+    train_masks = np.stack([r.mask for r in synth_records(args.records, 112, seed, **scenes)])
+    heldout_masks = np.stack([r.mask for r in synth_records(HELDOUT, 112, seed + 10_000, **scenes)])
+    blind = blind_scores(blind_box(train_masks), heldout_masks)["iou"]
     started = time.monotonic()
-    policy = warm_start(build_qwen(seed=seed), data, out, seed, args)
-    print(f"seed {seed}: warm start ({args.warm_start}, {args.sft_steps} SFT steps) in "
+    policy, tried = weak_grounder(build_qwen(seed=seed), data, heldout, out, seed, blind, args)
+    print(f"seed {seed}: warm start ({args.warm_start}, {tried[-1][0] if tried else args.sft_steps} SFT steps) in "
           f"{time.monotonic() - started:.0f} s", flush=True)
     steps, evals, before, after = grpo(policy, data, heldout, out / "grpo", seed, False, args)
     if len(steps) < 2 * WINDOW:
         raise SystemExit(f"seed {seed}: only {len(steps)} GRPO steps ran; need {2 * WINDOW} to compare windows")
     plot(steps, evals, out / "grpo_curve.png", f"GRPO from a {args.warm_start} warm start, seed {seed}")
     first, last = window_means(steps)
-    row = {"seed": seed, "steps": len(steps), "warm_start": before["eval_iou"], "grpo": after["eval_iou"],
+    row = {"seed": seed, "steps": len(steps), "warm_start_tried": tried, "blind_box": blind,
+           "warm_start": before["eval_iou"], "grpo": after["eval_iou"],
            "format_first": first["format"], "format_last": last["format"],
            "heldout_curve": [[e["step"], round(e["eval_iou"], 3)] for e in evals]}
     if args.control:
@@ -211,9 +255,6 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
              f"control (rewards shuffled across groups), seed {seed}")
         row.update(control=control["eval_iou"], control_steps=len(control_steps),
                    control_heldout_curve=[[e["step"], round(e["eval_iou"], 3)] for e in control_evals])
-    train_masks = np.stack([r.mask for r in synth_records(args.records, 112, seed, **scenes)])
-    heldout_masks = np.stack([r.mask for r in synth_records(HELDOUT, 112, seed + 10_000, **scenes)])
-    row["blind_box"] = blind_scores(blind_box(train_masks), heldout_masks)["iou"]
     row["goal_met"] = (row["grpo"] >= row["warm_start"] + GAIN and row["grpo"] > row["blind_box"]
                        and row["format_last"] >= row["format_first"]
                        and (not args.control or row["control"] <= row["warm_start"] + CONTROL_GAIN))
@@ -230,7 +271,12 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=256)
     parser.add_argument("--warm-start", choices=("grounder", "format"), default="grounder",
                         help="SFT on the true boxes, or on random coordinates (the format only)")
-    parser.add_argument("--sft-steps", type=int, default=160)
+    parser.add_argument("--sft-steps", type=int, default=160, help="SFT steps of the first warm start tried")
+    parser.add_argument("--sft-more", type=int, default=40,
+                        help="SFT steps added while the start's held-out IoU is not above the blind box + margin")
+    parser.add_argument("--sft-max-steps", type=int, default=400, help="the most SFT steps of a warm start")
+    parser.add_argument("--start-margin", type=float, default=0.02,
+                        help="how far above the blind box's held-out IoU the grounder warm start must be")
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the control: the same run with the rewards shuffled across groups")
     parser.add_argument("--group-size", type=int, default=8)
@@ -256,11 +302,12 @@ def main() -> None:
     rows = [run_seed(seed, args) for seed in args.seeds]
     print(f"\nheld-out IoU ({HELDOUT} unseen scenes, greedy); goal: GRPO >= warm start + {GAIN} and > blind box, "
           f"control <= warm start + {CONTROL_GAIN}, format last {WINDOW} >= first {WINDOW}")
-    print(f"{'seed':>4} {'steps':>6} {'warm start':>11} {'GRPO':>7} {'control':>8} {'blind box':>10} "
+    print(f"{'seed':>4} {'SFT':>4} {'steps':>6} {'warm start':>11} {'GRPO':>7} {'control':>8} {'blind box':>10} "
           f"{'format first -> last':>21} {'goal':>5}")
     for row in rows:
         control = f"{row['control']:8.3f}" if "control" in row else f"{'-':>8}"
-        print(f"{row['seed']:>4} {row['steps']:>6} {row['warm_start']:>11.3f} {row['grpo']:>7.3f} {control} "
+        sft = row["warm_start_tried"][-1][0] if row["warm_start_tried"] else args.sft_steps
+        print(f"{row['seed']:>4} {sft:>4} {row['steps']:>6} {row['warm_start']:>11.3f} {row['grpo']:>7.3f} {control} "
               f"{row['blind_box']:>10.3f} {row['format_first']:>10.3f} -> {row['format_last']:<7.3f} "
               f"{'met' if row['goal_met'] else 'NOT':>5}")
     print(json.dumps({"rows": rows, "goal_met": all(row["goal_met"] for row in rows)}))
