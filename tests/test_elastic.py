@@ -23,7 +23,10 @@ from segr1.runtime.deadlines import HANG_DIR_ENV
 
 pytestmark = pytest.mark.slow
 
-STEPS = 150  # about 0.5 s each with the random policy: time for B's engine to load and work
+# About 1 s a step on 2 cores. B's engine is started about 3 steps after B joins and loads in about
+# 15 more (steps 5 -> 20, node A gone at 25, measured): 80 leaves room for a machine 2x slower
+# at loading, without a long tail of single-engine steps after A has gone.
+STEPS = 80
 TOL = 1e-4  # the learner's and the engines' log-probs of the same tokens (tests/test_run.py's bound)
 JOB = ["python", "-m", "segr1.run", "--model.path", "tiny", "--rollout.max_tokens", "48", "--trainer.eval_every", "0",
        "--rollout.num_actors", "auto", "--rollout.min_actors", "1", "--rollout.max_actors", "2",
