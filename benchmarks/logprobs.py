@@ -13,12 +13,13 @@ backward of a loss on both (an ``entropy_coef`` > 0 run, the heavier case).
 Each variant runs in a process of its own, so its peak resident memory is its own: the figure is
 the peak minus the resident memory with the logits already made, that is the memory the log-prob
 work itself takes, forward and backward, the logits' gradient included. Values are compared too
-(the chunked log-probs and entropies against the baseline's, goal at most 1e-5 apart; and the
-gradient, which in bfloat16 may differ by a rounding step where both round a float32 value), and
-both ways against float64 on the first completion: at this vocabulary float32 sums of 151,936
-terms in different orders differ by more than 1e-5, so the float64 figures say which way is off.
-Ends with one JSON line: ``peak_memory_ratio`` (chunked over baseline; goal <= 0.25) and
-``time_ratio`` (goal <= 1.0).
+(the chunked log-probs and entropies against the baseline's, the issue's goal at most 1e-5 apart;
+and the gradient, which in bfloat16 may differ by a rounding step where both round a float32
+value), and both ways against float64 on the first completion. At this vocabulary the baseline is
+itself up to 7e-5 off float64 (torch's float32 ``log_softmax``), so nothing can be both within
+1e-5 of it and within 1e-5 of float64: the float64 figures say which way is off.
+Ends with one JSON line: ``peak_memory_ratio`` (chunked over baseline; goal <= 0.25),
+``time_ratio`` (goal <= 1.0), ``max_abs_diff`` (to the baseline) and both ways' error to float64.
 """
 
 from __future__ import annotations
@@ -136,10 +137,10 @@ def main() -> None:
     }
     print(f"chunked over baseline: memory {result['peak_memory_ratio']} (goal <= 0.25), time {result['time_ratio']} "
           f"(goal <= 1.0); largest difference of the log-probs and entropies {result['max_abs_diff']:.2e} "
-          f"(goal <= 1e-5), of the gradient {diff['grad']:.2e} (in {args.dtype}: a bfloat16 gradient of about 1 "
+          f"(goal as filed <= 1e-5), of the gradient {diff['grad']:.2e} (in {args.dtype}: a bfloat16 gradient of about 1 "
           "may round one step, 2^-8, apart)")
     print(f"against float64 on the first {TRUTH_TOKENS} positions: baseline {error['baseline']:.2e}, "
-          f"chunked {error['chunked']:.2e}")
+          f"chunked {error['chunked']:.2e} (within 1e-5: {error['chunked'] <= 1e-5})")
     print(json.dumps(result))
 
 

@@ -51,6 +51,21 @@ def test_values_and_gradients_equal_the_whole_vocabulary_computation(monkeypatch
     assert torch.allclose(ours_grad.float(), theirs_grad.float(), atol=1e-5, rtol=0)
 
 
+def test_at_qwens_vocabulary_both_are_within_1e5_of_float64():
+    """At 151,936 ids a float32 sum over the vocabulary rounds enough to matter: torch's own float32
+    log_softmax is 1.7e-5 (log-probs) and 7.4e-5 (entropies) off float64 here, and an entropy taken as
+    lse - sum p x was 1.3e-5 off. Ours must stay within 1e-5 of float64 in both."""
+    vocab = 151_936
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 256, vocab, generator=g, dtype=torch.bfloat16).mul_(3)  # as benchmarks/logprobs.py
+    token_ids = torch.randint(0, vocab, (1, 256), generator=g)
+    with torch.no_grad():
+        logp, entropy = token_logprobs_and_entropy(logits, token_ids)
+        log_probs = torch.log_softmax(logits.double(), dim=-1)
+    assert (logp.double() - log_probs.gather(-1, token_ids[..., None]).squeeze(-1)).abs().max() < 1e-5
+    assert (entropy.double() + (log_probs.exp() * log_probs).sum(-1)).abs().max() < 1e-5
+
+
 def test_hand_computed_log_probs_at_a_temperature_with_a_banned_id():
     """logits (0, log 3, 5) at temperature 1/2 are (0, 2 log 3, 10); with id 2 banned, p = (1/10, 9/10)."""
     logits = torch.tensor([[[0.0, math.log(3.0), 5.0]]])

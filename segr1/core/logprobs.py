@@ -10,7 +10,7 @@ left of whole-vocabulary size is the logits and their gradient, which any backwa
 With ``x`` a row of logits, ``lse = log sum exp x`` and ``p = exp(x - lse)``:
 
 - ``log p(t) = x_t - lse``, whose gradient is ``onehot(t) - p``;
-- ``H = -sum p log p = lse - sum p x``, whose gradient is ``-p (log p + H)``.
+- ``H = -sum p log p``, whose gradient is ``-p (log p + H)``.
 
 Both are in float32 whatever the logits' dtype, as vLLM computes its log-probs. They describe the
 distribution the engines sample from: ``x`` is the logits divided by the sampling temperature, with
@@ -69,8 +69,11 @@ class _LogprobsEntropy(torch.autograd.Function):
             x = _sampled(flat[rows], temperature, banned)
             lse[rows] = torch.logsumexp(x, dim=-1)
             logp[rows] = x.gather(1, ids[rows]).squeeze(1) - lse[rows]
-            p = (x - lse[rows, None]).exp_()
-            entropy[rows] = lse[rows] - torch.linalg.vecdot(p, x)  # sum p x, without a [rows, V] product
+            log_p = x - lse[rows, None]
+            # -sum p log p as one dot product, without a [rows, V] product. Not lse - sum p x: that
+            # subtracts two sums of about lse's size and keeps float32's rounding of both (1.3e-5
+            # off float64 at Qwen's vocabulary, against 7.9e-6 this way).
+            entropy[rows] = -torch.linalg.vecdot(log_p.exp(), log_p)
         ctx.save_for_backward(logits, token_ids, lse, entropy)
         ctx.temperature, ctx.banned = temperature, banned
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: no work for it
